@@ -1,0 +1,23 @@
+"""harmless: find, measure and use the harmless perturbations of deep networks."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
+
+from harmless.errors import (  # noqa: E402
+    HarmlessError,
+    InputError,
+    NoHarmlessSubspaceError,
+    TooLargeError,
+    UnsupportedLayerError,
+)
+from harmless.linalg.operators import TorchLinearOperator  # noqa: E402
+from harmless.linalg.prefix import linear_run  # noqa: E402
+from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace, least_harmful  # noqa: E402
+
+__all__ += [
+    "HarmlessError", "InputError", "NoHarmlessSubspaceError", "TooLargeError", "UnsupportedLayerError",
+    "TorchLinearOperator", "HarmlessSubspace", "harmless_subspace", "least_harmful", "linear_run",
+]

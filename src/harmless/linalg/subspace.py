@@ -1,0 +1,304 @@
+"""The harmless subspace of a model or operator: the nullspace of its linear prefix.
+
+:func:`harmless_subspace` is the one public entry point: it validates the model, the input
+shape and the dtype once, finds the linear run, and returns a :class:`HarmlessSubspace`
+whose methods work matrix-free (CGLS with the operator and its adjoint) unless a dense
+factorisation was affordable, in which case they use its exact orthonormal bases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
+from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, TorchLinearOperator
+from harmless.linalg.prefix import LinearRun, linear_run
+from harmless.linalg.rank import RankResult, analyze_rank
+from harmless.linalg.solvers import SolveInfo, row_space_component
+
+_DEFAULT_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
+
+
+def _validate_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input_shape must be a sequence of positive ints, got {input_shape!r}") from exc
+    if not shape or any(s <= 0 for s in shape):
+        raise InputError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
+    return shape
+
+
+def _validate_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+class HarmlessSubspace:
+    """The nullspace ``N(A)`` of a linear operator ``A``, acting on inputs of ``input_shape``.
+
+    Every perturbation ``delta`` with ``A delta = 0`` leaves the model's output unchanged,
+    whatever its size. Methods take batches ``(B, *input_shape)`` and return tensors in the
+    subspace's dtype on the input's device; inputs are never modified.
+
+    ``dim`` is exact (``n - rank(A)``, Theorem 1); ``dim_method`` says how the rank was
+    obtained (see :mod:`harmless.linalg.rank`).
+    """
+
+    def __init__(self, operator: TorchLinearOperator, *, run: LinearRun | None = None, rtol: float | None = None,
+                 dense_limit: int = DEFAULT_DENSE_LIMIT, method: str = "auto") -> None:
+        self.operator = operator
+        self.run = run
+        self.dtype = operator.dtype
+        self.input_shape: tuple[int, ...] = operator.in_shape
+        self.rtol = float(rtol if rtol is not None else _DEFAULT_RTOL[self.dtype])
+        self._dense_limit = dense_limit
+        self._method = method
+        self.last_solve: SolveInfo | None = None
+
+    # -- sizes ---------------------------------------------------------------------------
+    @property
+    def ambient_dim(self) -> int:
+        """``n``, the number of input entries."""
+        return self.operator.n
+
+    @property
+    def output_dim(self) -> int:
+        """``m``, the number of outputs of the linear prefix."""
+        return self.operator.m
+
+    @cached_property
+    def rank_info(self) -> RankResult:
+        """How the rank was found (method, singular values, gap), computed on first use."""
+        return analyze_rank(self.operator, method=self._method, dense_limit=self._dense_limit)
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the harmless subspace, ``n - rank(A)``."""
+        return self.rank_info.dim
+
+    @property
+    def rank(self) -> int:
+        """``rank(A)``."""
+        return self.rank_info.rank
+
+    @property
+    def dim_method(self) -> str:
+        """``dense-svd``, ``gram-eigh``, ``structure`` or ``corollary1``."""
+        return self.rank_info.method
+
+    @cached_property
+    def operator_norm(self) -> float:
+        """``||A||_2`` (exact from the SVD when available, else a power-iteration estimate)."""
+        sv = self._dense_rank().singular_values if self._dense_available else None
+        if sv is not None and sv.size:
+            return float(sv[0])
+        return self.operator.norm_estimate()
+
+    @cached_property
+    def _dense_available(self) -> bool:
+        return self.operator.m * self.operator.n <= self._dense_limit and self._method in ("auto", "dense")
+
+    def _dense_rank(self) -> RankResult:
+        info = self.rank_info
+        if info.method != "dense-svd":
+            raise TooLargeError("no dense factorisation was computed for this subspace")
+        return info
+
+    @cached_property
+    def _row_basis(self) -> torch.Tensor | None:
+        """Orthonormal rows spanning the row space (dense path only)."""
+        if not self._dense_available or self.rank_info.method != "dense-svd" or self.rank_info.row_basis is None:
+            return None
+        return torch.as_tensor(self.rank_info.row_basis, dtype=self.dtype, device=self.operator.device)
+
+    def __repr__(self) -> str:
+        return (f"HarmlessSubspace(input_shape={self.input_shape}, ambient_dim={self.ambient_dim}, "
+                f"output_dim={self.output_dim}, dtype={self.dtype})")
+
+    # -- validation ----------------------------------------------------------------------
+    def _batch(self, delta: torch.Tensor, what: str = "delta") -> torch.Tensor:
+        if not isinstance(delta, torch.Tensor):
+            raise InputError(f"{what} must be a torch.Tensor, got {type(delta).__name__}")
+        if tuple(delta.shape[1:]) != self.input_shape or delta.ndim != len(self.input_shape) + 1:
+            raise InputError(f"{what} must have shape (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(delta.shape)}")
+        if not delta.is_floating_point():
+            raise InputError(f"{what} must be a floating-point tensor, got {delta.dtype}")
+        if not bool(torch.isfinite(delta).all()):
+            raise InputError(f"{what} contains non-finite values (nan or inf)")
+        return delta.detach().to(dtype=self.dtype, device=self.operator.device)
+
+    # -- the algorithms ------------------------------------------------------------------
+    def _harmful(self, d: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection onto the row space of A (the harmful part), validated input."""
+        if self._dense_available and self.rank_info.method == "dense-svd" and self.rank == self.ambient_dim:
+            return d.clone()  # injective: every direction is harmful
+        basis = self._row_basis
+        if basis is not None:
+            flat = d.reshape(d.shape[0], -1)
+            return ((flat @ basis.T) @ basis).reshape(d.shape)
+        norms = d.reshape(d.shape[0], -1).norm(dim=1)
+        scale = norms * self.operator_norm
+        z, info = row_space_component(self.operator, d, tol=self.rtol, scale=scale)
+        self.last_solve = info
+        return z
+
+    def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """The harmless part ``P delta`` of each perturbation (Theorem 4)."""
+        d = self._batch(delta)
+        return (d - self._harmful(d)).to(delta.device)
+
+    def decompose(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(harmless, harmful)`` with ``harmless + harmful == delta`` and the two orthogonal."""
+        d = self._batch(delta)
+        harmful = self._harmful(d)
+        return (d - harmful).to(delta.device), harmful.to(delta.device)
+
+    def contains(self, delta: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+        """Per sample: is ``||A delta|| <= rtol * ||A|| * ||delta||``? (zero counts as harmless)."""
+        d = self._batch(delta)
+        tol = self.rtol * 100 if rtol is None else float(rtol)
+        out = self.operator.matvec(d).reshape(d.shape[0], -1).norm(dim=1)
+        return (out <= tol * self.operator_norm * d.reshape(d.shape[0], -1).norm(dim=1)).to(delta.device)
+
+    def harmful_residual(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per sample ``||A delta|| / (||A|| ||delta||)``: 0 for exactly harmless perturbations."""
+        d = self._batch(delta)
+        out = self.operator.matvec(d).reshape(d.shape[0], -1).norm(dim=1)
+        denom = self.operator_norm * d.reshape(d.shape[0], -1).norm(dim=1)
+        return (out / denom.clamp_min(torch.finfo(self.dtype).tiny)).to(delta.device)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` random harmless perturbations of unit L2 norm, uniform on the subspace's sphere."""
+        if not isinstance(n, int) or n < 1:
+            raise InputError(f"n must be a positive int, got {n!r}")
+        if self.dim == 0:
+            raise NoHarmlessSubspaceError(self._injective_message())
+        gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+        g = torch.randn(n, *self.input_shape, generator=gen, dtype=torch.float64).to(self.dtype)
+        g = g.to(self.operator.device)
+        p = g - self._harmful(g)
+        norms = p.reshape(n, -1).norm(dim=1).view(-1, *([1] * len(self.input_shape)))
+        return p / norms
+
+    def basis(self) -> torch.Tensor:
+        """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""
+        info = self.rank_info
+        if info.null_basis is None:
+            raise TooLargeError(
+                f"basis() needs a dense factorisation, but this {self.output_dim} x {self.ambient_dim} operator "
+                f"exceeds the dense limit ({self._dense_limit:,} entries); use project() and sample(), which "
+                "are matrix-free, or pass dense_limit=...")
+        basis = torch.as_tensor(np.ascontiguousarray(info.null_basis), dtype=self.dtype,
+                                device=self.operator.device)
+        if info.method == "gram-eigh" and basis.shape[0]:
+            # Gram eigenvectors are only sqrt(eps)-accurate: project them exactly, re-orthonormalise.
+            basis = basis - self._harmful(basis.view(-1, *self.input_shape)).reshape(basis.shape[0], -1)
+            basis = torch.linalg.qr(basis.T).Q.T
+        return basis.reshape(-1, *self.input_shape)
+
+    def _injective_message(self) -> str:
+        return (f"the linear prefix ({self.output_dim} outputs from {self.ambient_dim} inputs, rank {self.rank}) is "
+                "injective: no non-zero perturbation is harmless. Use harmless.least_harmful(...) for the "
+                "least harmful directions (Lemma 2).")
+
+
+def _as_operator_and_run(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], layer: str | None,
+                         dtype: torch.dtype) -> tuple[TorchLinearOperator, LinearRun | None]:
+    if isinstance(model, TorchLinearOperator):
+        if layer is not None:
+            raise InputError("layer= applies to models, not to operators")
+        if tuple(input_shape) != model.in_shape:
+            raise InputError(f"input_shape {tuple(input_shape)} does not match the operator's {model.in_shape}")
+        return model, None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module or a TorchLinearOperator, got {type(model).__name__}")
+    run = linear_run(model, input_shape, layer=layer, dtype=dtype)
+    return run.operator, run
+
+
+def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], *,
+                      layer: str | None = None, dtype: torch.dtype = torch.float64, method: str = "auto",
+                      dense_limit: int = DEFAULT_DENSE_LIMIT, rtol: float | None = None) -> HarmlessSubspace:
+    """The harmless subspace of ``model`` for inputs of shape ``input_shape`` (no batch axis).
+
+    With ``layer=None`` it is the nullspace of the model's linear prefix (the leading run of
+    linear/affine layers, composed): perturbations in it leave the whole output unchanged.
+    With ``layer="name"`` it is the paper's H^(l) at the input of that layer.
+
+    ``dim`` is ``n - rank`` where the rank comes from a dense SVD when the matrix has at
+    most ``dense_limit`` entries, and otherwise from the layer's structure (bijective factors
+    dropped, disjoint conv windows decomposed block by block, or Corollary 1 certified by
+    Lanczos); ``dim_method`` says which. ``project``/``decompose``/``sample``/``contains``
+    never need the dense matrix.
+
+    ``rtol`` is the relative harmful residual the matrix-free projection must reach
+    (default 1e-13 in float64, 1e-6 in float32).
+    """
+    shape = _validate_shape(input_shape)
+    dtype = _validate_dtype(dtype)
+    if method not in ("auto", "dense", "gram", "structure"):
+        raise InputError(f"method must be auto, dense, gram or structure, got {method!r}")
+    if not isinstance(dense_limit, int) or dense_limit < 1:
+        raise InputError(f"dense_limit must be a positive int, got {dense_limit!r}")
+    if rtol is not None and not (0 < rtol < 1):
+        raise InputError(f"rtol must lie in (0, 1), got {rtol!r}")
+    op, run = _as_operator_and_run(model, shape, layer, dtype)
+    return HarmlessSubspace(op, run=run, rtol=rtol, dense_limit=dense_limit, method=method)
+
+
+def least_harmful(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], k: int = 1, *,
+                  layer: str | None = None, dtype: torch.dtype = torch.float64,
+                  dense_limit: int = DEFAULT_DENSE_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` least harmful unit directions and their gains ``||A v||`` (Lemma 2).
+
+    These are the right singular vectors of the smallest *non-zero* singular values, i.e.
+    the least harmful directions outside the harmless subspace; for an injective prefix
+    (no harmless subspace) they are exactly Lemma 2's minimisers of ``||A v||``.
+    Returns ``(vecs of shape (k, *input_shape), gains of shape (k,))``, gains ascending.
+    """
+    shape = _validate_shape(input_shape)
+    dtype = _validate_dtype(dtype)
+    if not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive int, got {k!r}")
+    op, _ = _as_operator_and_run(model, shape, layer, dtype)
+    if op.m * op.n <= dense_limit:
+        info = analyze_rank(op, method="dense", dense_limit=dense_limit)
+        if k > info.rank:
+            raise InputError(f"k = {k} exceeds the rank {info.rank} of the linear prefix")
+        vt = info.row_basis[info.rank - k: info.rank][::-1]
+        vecs = torch.as_tensor(np.ascontiguousarray(vt), dtype=dtype, device=op.device)
+    else:
+        vecs = _least_harmful_iterative(op, k)
+    vecs = vecs.reshape(k, *shape)
+    gains = op.matvec(vecs).reshape(k, -1).norm(dim=1)
+    order = torch.argsort(gains)
+    return vecs[order], gains[order]
+
+
+def _least_harmful_iterative(op: TorchLinearOperator, k: int) -> torch.Tensor:
+    """Smallest non-zero singular directions by Lanczos on the smaller Gram matrix."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    a = op.to_scipy()
+    if op.m < op.n:
+        # Non-zero spectrum of A^T A equals that of A A^T (m x m); v = A^T u / sigma.
+        aat = LinearOperator((op.m, op.m), matvec=lambda y: a.matvec(a.rmatvec(y)), dtype=np.float64)
+        lam, u = eigsh(aat, k=k, which="SA", tol=1e-10, maxiter=20_000)
+        v = a.rmatmat(u) / np.sqrt(np.clip(lam, np.finfo(float).tiny, None))
+    else:
+        ata = LinearOperator((op.n, op.n), matvec=lambda x: a.rmatvec(a.matvec(x)), dtype=np.float64)
+        lam, v = eigsh(ata, k=k, which="SA", tol=1e-10, maxiter=20_000)
+        if np.any(lam <= lam.max() * op.n * np.finfo(float).eps * 100):
+            raise TooLargeError("the operator has a nullspace and is too large for a dense SVD; the least harmful "
+                                "directions outside it need dense_limit raised")
+    v = v / np.linalg.norm(v, axis=0, keepdims=True)
+    return torch.as_tensor(np.ascontiguousarray(v.T), dtype=op.dtype, device=op.device)

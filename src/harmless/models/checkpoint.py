@@ -1,0 +1,135 @@
+"""Trained zoo checkpoints in the cache.
+
+A zoo model ``spec`` lives in ``cache_dir("models")`` as two files named after
+:attr:`ModelSpec.file_stem`:
+
+* ``<stem>.safetensors``: the state dict (``safetensors.torch.save_file``), and
+* ``<stem>.json``: a sidecar with the spec key, seed, epochs, test accuracy, torch version
+  and the SHA-256 of the weights file.
+
+Both are written atomically, weights first, so the sidecar is the commit point. A cached
+checkpoint is used only when its sidecar parses, names the same spec and its checksum
+matches the weights; otherwise a :class:`CheckpointWarning` says why and it is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from harmless.cache import atomic_path, atomic_write_text, cache_dir, sha256_file
+from harmless.models.registry import ModelSpec, build_model, parse_spec
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointWarning",
+    "checkpoint_paths",
+    "load_checkpoint",
+    "read_sidecar",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointWarning(UserWarning):
+    """A cached checkpoint was found but cannot be trusted (corrupt, incomplete, stale)."""
+
+
+def checkpoint_paths(spec: str | ModelSpec) -> tuple[Path, Path]:
+    """``(weights, sidecar)`` paths of ``spec``'s checkpoint in the cache (may not exist)."""
+    ms = parse_spec(spec)
+    folder = cache_dir("models")
+    return folder / f"{ms.file_stem}.safetensors", folder / f"{ms.file_stem}.json"
+
+
+def save_checkpoint(spec: str | ModelSpec, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model``'s weights and a sidecar with ``meta`` (plus checksum etc.) atomically."""
+    from harmless import __version__
+
+    ms = parse_spec(spec)
+    weights_path, sidecar_path = checkpoint_paths(ms)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"spec": ms.key, "format": str(CHECKPOINT_FORMAT)})
+        digest = sha256_file(tmp)
+    sidecar = {
+        **meta,
+        "format": CHECKPOINT_FORMAT,
+        "spec": ms.key,
+        "name": ms.name,
+        "dataset": ms.dataset,
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in ms.params},
+        "weights_file": weights_path.name,
+        "weights_sha256": digest,
+        "torch_version": torch.__version__,
+        "harmless_version": __version__,
+        "python_version": platform.python_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    return weights_path
+
+
+def read_sidecar(spec: str | ModelSpec) -> dict[str, Any] | None:
+    """The parsed sidecar of ``spec``'s cached checkpoint, or ``None`` if absent/unreadable."""
+    _, sidecar_path = checkpoint_paths(spec)
+    try:
+        meta = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_checkpoint(spec: str | ModelSpec) -> tuple[nn.Module, dict[str, Any]] | None:
+    """``(model in eval mode, sidecar)`` from the cache, or ``None`` if absent or untrustworthy.
+
+    A checkpoint that exists but fails a check (sidecar unreadable or for another spec,
+    weights missing, SHA-256 mismatch, weights not loadable) gives a
+    :class:`CheckpointWarning` and ``None``: it is never silently used.
+    """
+    ms = parse_spec(spec)
+    weights_path, sidecar_path = checkpoint_paths(ms)
+    if not weights_path.exists() and not sidecar_path.exists():
+        return None
+
+    def reject(why: str) -> None:
+        warnings.warn(
+            f"ignoring cached checkpoint {weights_path} for {ms.key}: {why}",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+
+    meta = read_sidecar(ms)
+    if meta is None:
+        reject(f"its sidecar {sidecar_path.name} is missing or unreadable")
+        return None
+    if meta.get("spec") != ms.key or meta.get("format") != CHECKPOINT_FORMAT:
+        reject(f"its sidecar is for {meta.get('spec')!r} (format {meta.get('format')!r})")
+        return None
+    if not weights_path.exists():
+        reject("the weights file is missing")
+        return None
+    digest = sha256_file(weights_path)
+    if digest != meta.get("weights_sha256"):
+        reject(
+            f"it is corrupt (SHA-256 {digest[:12]}... does not match the recorded "
+            f"{str(meta.get('weights_sha256'))[:12]}...)"
+        )
+        return None
+    try:
+        state = load_file(str(weights_path), device="cpu")
+        model = build_model(ms, seed=0)  # leaves the global RNG alone
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "do not use it"
+        reject(f"its weights do not load ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        return None
+    return model.eval(), meta

@@ -1,0 +1,700 @@
+"""Tests of harmless.models: the zoo, spec parsing, training, caching and safe loading."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import nn
+
+from harmless.errors import DataUnavailableError, ModelSpecError, UnsafeCheckpointError
+from harmless.models import (
+    ZOO,
+    CheckpointWarning,
+    TrainConfig,
+    TrainingModeWarning,
+    build_model,
+    checkpoint_paths,
+    describe_model,
+    first_layer,
+    get_model,
+    list_zoo,
+    load_model,
+    load_state_dict_file,
+    parse_spec,
+    train_loop,
+    train_zoo_model,
+)
+from harmless.models import checkpoint as checkpoint_mod
+from harmless.models import train as train_mod
+from harmless.models.train import deterministic
+from harmless.nn import Normalize
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch, request):
+    """Every test but the slow ones gets its own empty cache."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("HARMLESS_CACHE", str(tmp_path / "cache"))
+
+
+def _mnist_or_skip():
+    try:
+        from harmless.data import load_dataset
+
+        return load_dataset("mnist", split="test")
+    except (ImportError, DataUnavailableError) as exc:
+        pytest.skip(f"MNIST unavailable: {exc}")
+
+
+def _state_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------- spec parsing
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        ("mlp5:mnist", "mlp5:mnist"),
+        ("mlp5", "mlp5:mnist"),
+        ("mlp5:fashion-mnist", "mlp5:fashion-mnist"),
+        ("MLP5:Fashion_MNIST", "mlp5:fashion-mnist"),
+        ("lenet:mnist", "lenet:mnist"),
+        ("lenet:", "lenet:mnist"),
+        ("resnet18", "resnet18:cifar10"),
+        ("resnet18:stem_stride=8", "resnet18:cifar10,stem_stride=8"),
+        ("resnet18,stem_stride=8", "resnet18:cifar10,stem_stride=8"),
+        ("resnet18:stem_stride=1", "resnet18:cifar10"),
+        (
+            "resnet50:cifar10,stem_stride=4,stem_channels=16",
+            "resnet50:cifar10,stem_channels=16,stem_stride=4",
+        ),
+        (" vgg16 : stem_stride = 2 ", "vgg16:cifar10,stem_stride=2"),
+        ("vgg16:mnist,stem_kernel=5", "vgg16:mnist,stem_kernel=5"),
+        ("mlp5:mnist,hidden=(512,512)", "mlp5:mnist,hidden=512x512"),
+        ("mlp5:hidden=512x256x128", "mlp5:mnist,hidden=512x256x128"),
+        ("mlp5:hidden=300", "mlp5:mnist,hidden=300"),
+        ("mlp5:hidden=256x256x256x256", "mlp5:mnist"),
+    ],
+)
+def test_spec_canonical_keys(spec, key):
+    ms = parse_spec(spec)
+    assert ms.key == key
+    assert parse_spec(ms.key) == ms
+    assert parse_spec(ms) is ms
+    assert str(ms) == key
+    assert "/" not in ms.file_stem and ":" not in ms.file_stem and "," not in ms.file_stem
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["resnet18", "resnet50", "vgg16"]),
+    dataset=st.sampled_from([None, "mnist", "fashion-mnist", "cifar10"]),
+    values=st.dictionaries(
+        st.sampled_from(["stem_stride", "stem_channels", "stem_kernel"]),
+        st.integers(min_value=1, max_value=64),
+    ),
+)
+def test_spec_round_trip_property(name, dataset, values):
+    items = [f"{k}={v}" for k, v in values.items()]
+    head = name if dataset is None else f"{name}:{dataset}"
+    spec = head + ("" if not items else ("," if dataset else ":") + ",".join(items))
+    ms = parse_spec(spec)
+    again = parse_spec(ms.key)
+    assert again == ms and again.key == ms.key
+    kwargs = ms.kwargs
+    for k, v in values.items():
+        assert kwargs[k] == v
+    assert ms.dataset == (dataset or "cifar10")
+    # canonical: keys sorted, defaults left out
+    extras = ms.key.split(",")[1:]
+    assert extras == sorted(extras)
+    assert all(not e.endswith("=1") or not e.startswith("stem_stride") for e in extras)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("", "empty model spec"),
+        ("alexnet", "unknown zoo model 'alexnet'"),
+        ("alexnet:cifar10", "resnet18"),  # lists the valid names
+        ("resnet18:imagenet", "unknown dataset 'imagenet'"),
+        ("resnet18:imagenet", "cifar10"),
+        ("resnet18:depth=3", "unknown parameter 'depth'"),
+        ("resnet18:depth=3", "stem_stride"),
+        ("resnet18:stem_stride=0", "stem_stride must be a positive integer"),
+        ("resnet18:stem_stride=-2", "stem_stride must be a positive integer"),
+        ("resnet18:stem_stride=2.5", "got '2.5'"),
+        ("resnet18:stem_stride=two", "got 'two'"),
+        ("resnet18:stem_stride=", "has no value"),
+        ("resnet18:stem_stride=2,stem_stride=4", "given twice"),
+        ("resnet18,cifar10", "unexpected 'cifar10'"),
+        ("resnet18:cifar10,mnist", "unexpected 'mnist'"),
+        ("resnet18:cifar10,,stem_stride=2", "empty item"),
+        ("lenet:stem_stride=2", "valid parameters: none"),
+        ("mlp5:hidden=(256,", "unbalanced"),
+        ("mlp5:hidden=0x256", "hidden must be positive integers"),
+        ("mlp5:hidden=()", "hidden must be positive integers"),
+    ],
+)
+def test_spec_errors(spec, fragment):
+    with pytest.raises(ModelSpecError) as info:
+        parse_spec(spec)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_spec_rejects_non_strings():
+    with pytest.raises(ModelSpecError):
+        parse_spec(42)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- architectures
+
+STRIDES = [1, 2, 3, 4, 8, 16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", STRIDES)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16"])
+def test_conv_zoo_forward_shapes(name, stride, dtype):
+    model = build_model(f"{name}:stem_stride={stride}")
+    if dtype == torch.float64:
+        model = model.double()
+    assert not model.training
+    conv = first_layer(model)
+    assert conv is model.stem.conv and isinstance(model.stem.bn, nn.BatchNorm2d)
+    assert conv.stride == (stride, stride) and conv.out_channels == 64
+    # Normalize comes first, then the stem.
+    assert list(model.named_children())[:2] == [("normalize", model.normalize), ("stem", model.stem)]
+    assert isinstance(model.normalize, Normalize)
+    x = torch.rand(3, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (3, 10) and y.dtype == dtype and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16"])
+def test_conv_zoo_stem_options_and_grayscale(name):
+    model = build_model(f"{name}:mnist,stem_stride=3,stem_channels=8,stem_kernel=5")
+    conv = model.stem.conv
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (1, 8, (5, 5), (2, 2))
+    assert conv.bias is None
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_vgg_skips_pools_that_would_vanish():
+    pools = lambda m: sum(isinstance(x, nn.MaxPool2d) for x in m.features)  # noqa: E731
+    assert pools(build_model("vgg16")) == 5  # 32 -> 16 -> 8 -> 4 -> 2 -> 1 (stem keeps 32)
+    assert pools(build_model("vgg16:stem_stride=16")) == 1  # 2 -> 1, then nothing
+    assert pools(build_model("vgg16:stem_stride=32")) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("spec", "in_shape", "fc1_in"),
+    [("mlp5:mnist", (1, 28, 28), 784), ("mlp5:cifar10", (3, 32, 32), 3072)],
+)
+def test_mlp5(spec, in_shape, fc1_in, dtype):
+    model = build_model(spec).to(dtype)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5
+    assert first_layer(model) is model.fc1 is linears[0]
+    assert model.fc1.in_features == fc1_in and model.fc1.out_features == 256
+    # the first layer's harmless dimension: 528 on MNIST, 2816 on 3x32x32
+    assert fc1_in - model.fc1.out_features == {784: 528, 3072: 2816}[fc1_in]
+    names = [n for n, _ in model.named_children()]
+    assert names[:3] == ["normalize", "flatten", "fc1"]
+    y = model(torch.rand(4, *in_shape, dtype=dtype))
+    assert y.shape == (4, 10) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("spec", "in_shape"), [("lenet:mnist", (1, 28, 28)), ("lenet:cifar10", (3, 32, 32))])
+def test_lenet(spec, in_shape, dtype):
+    model = build_model(spec).to(dtype)
+    assert first_layer(model) is model.conv1
+    assert [n for n, _ in model.named_children()][:2] == ["normalize", "conv1"]
+    assert model.conv1.out_channels == 6 and model.conv1.kernel_size == (5, 5)
+    y = model(torch.rand(2, *in_shape, dtype=dtype))
+    assert y.shape == (2, 10) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("spec", ["mlp5", "lenet", "resnet18:stem_stride=4", "vgg16:stem_stride=2"])
+def test_zoo_models_are_fx_traceable(spec):
+    model = build_model(spec)
+    shape = parse_spec(spec).dataset_info.in_shape
+    x = torch.rand(2, *shape)
+    graph_module = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        assert torch.equal(graph_module(x), model(x))
+
+
+def test_build_model_seeded_and_rng_neutral():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_model("lenet", seed=5), build_model("lenet", seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert _state_equal(a, b)
+    assert not _state_equal(a, build_model("lenet", seed=6))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _synthetic(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+def _train_synthetic(seed, config=None):
+    x, y = _synthetic()
+    config = config or TrainConfig(epochs=2, batch_size=32)
+    with deterministic(seed):
+        model = parse_spec("mlp5:mnist,hidden=64x32").build()
+        train_loop(model, x, y, config, seed=seed, progress=False)
+    return model
+
+
+def test_train_loop_deterministic():
+    a, b = _train_synthetic(0), _train_synthetic(0)
+    assert _state_equal(a, b)
+    assert not _state_equal(a, _train_synthetic(1))
+    assert not a.training
+
+
+def test_train_loop_sgd_cosine_augment_deterministic():
+    cfg = TrainConfig(epochs=1, batch_size=50, optimizer="sgd", lr=0.05, schedule="cosine", augment=True)
+    assert _state_equal(_train_synthetic(3, cfg), _train_synthetic(3, cfg))
+
+
+def test_deterministic_restores_state():
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    prev = torch.are_deterministic_algorithms_enabled()
+    with deterministic(0):
+        assert torch.are_deterministic_algorithms_enabled()
+        torch.rand(10)
+    assert torch.are_deterministic_algorithms_enabled() == prev
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_train_zoo_model_subset_deterministic():
+    _mnist_or_skip()
+    start = time.perf_counter()
+    kw = dict(epochs=1, max_train_samples=2000, progress=False)
+    a = train_zoo_model("mlp5:mnist", seed=0, **kw)
+    b = train_zoo_model("mlp5:mnist", seed=0, **kw)
+    c = train_zoo_model("mlp5:mnist", seed=1, **kw)
+    assert _state_equal(a.model, b.model)
+    assert not _state_equal(a.model, c.model)
+    assert a.trained and a.checkpoint is None  # subset runs are not cached by default
+    assert a.test_accuracy == b.test_accuracy and 0.5 < a.test_accuracy <= 1.0
+    assert not a.model.training
+    assert not checkpoint_paths("mlp5:mnist")[0].exists()
+    assert time.perf_counter() - start < 60
+
+
+def test_train_zoo_model_saves_and_get_model_reuses():
+    _mnist_or_skip()
+    trained = train_zoo_model("mlp5:mnist", epochs=1, max_train_samples=1000, progress=False, save=True)
+    assert trained.checkpoint is not None and trained.checkpoint.exists()
+    got = get_model("mlp5:mnist", progress=False)
+    assert got.from_cache and got.trained
+    assert got.test_accuracy == trained.test_accuracy
+    assert _state_equal(got.model, trained.model)
+    row = next(r for r in list_zoo() if r.spec == "mlp5:mnist")
+    assert row.cached and row.test_accuracy == trained.test_accuracy
+
+
+def test_cifar_without_data_is_random_init():
+    a = get_model("resnet18:stem_stride=8", progress=False)
+    b = train_zoo_model("resnet18:stem_stride=8", progress=False)
+    assert not a.trained and not b.trained
+    assert a.test_accuracy is None and a.checkpoint is None
+    assert "untrained" in a.weights_note
+    assert _state_equal(a.model, b.model)  # seeded
+    assert not checkpoint_paths("resnet18:stem_stride=8")[0].exists()
+
+
+def test_get_model_without_training():
+    got = get_model("lenet:mnist", train=False)
+    assert not got.trained and not got.from_cache and not got.model.training
+
+
+# ----------------------------------------------------------------------------- cache integrity
+
+
+def _fake_checkpoint(spec="mlp5:mnist", seed=4):
+    model = build_model(spec, seed=seed)
+    checkpoint_mod.save_checkpoint(spec, model, {"trained": True, "seed": seed, "epochs": 1, "test_accuracy": 0.5})
+    return model
+
+
+def test_cached_checkpoint_is_used():
+    model = _fake_checkpoint()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = get_model("mlp5:mnist", train=False)
+    assert got.from_cache and got.trained and got.test_accuracy == 0.5
+    assert _state_equal(got.model, model)
+    assert any(r.cached and r.spec == "mlp5:mnist" for r in list_zoo())
+
+
+def test_corrupt_checkpoint_detected(monkeypatch):
+    _fake_checkpoint()
+    weights, _ = checkpoint_paths("mlp5:mnist")
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in a weight: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    assert checkpoint_mod.load_checkpoint  # noqa: B018
+    with pytest.warns(CheckpointWarning, match="corrupt"):
+        assert checkpoint_mod.load_checkpoint("mlp5:mnist") is None
+    with pytest.warns(CheckpointWarning, match="corrupt"):
+        got = get_model("mlp5:mnist", train=False)
+    assert not got.from_cache and not got.trained
+
+    calls = []
+
+    def fake_train(spec, **kwargs):
+        calls.append((spec.key, kwargs))
+        return "retrained"
+
+    monkeypatch.setattr(train_mod, "train_zoo_model", fake_train)
+    with pytest.warns(CheckpointWarning):
+        assert get_model("mlp5:mnist", progress=False) == "retrained"
+    assert calls and calls[0][0] == "mlp5:mnist"
+
+
+def test_checkpoint_with_broken_sidecar_is_ignored():
+    _fake_checkpoint()
+    weights, sidecar = checkpoint_paths("mlp5:mnist")
+    sidecar.write_text("{not json")
+    with pytest.warns(CheckpointWarning, match="sidecar"):
+        assert checkpoint_mod.load_checkpoint("mlp5:mnist") is None
+    sidecar.unlink()
+    with pytest.warns(CheckpointWarning):
+        assert checkpoint_mod.load_checkpoint("mlp5:mnist") is None
+
+
+def test_checkpoint_sidecar_for_other_spec_is_ignored():
+    _fake_checkpoint()
+    weights, sidecar = checkpoint_paths("mlp5:mnist")
+    text = sidecar.read_text().replace('"spec": "mlp5:mnist"', '"spec": "mlp5:fashion-mnist"')
+    sidecar.write_text(text)
+    with pytest.warns(CheckpointWarning, match="fashion-mnist"):
+        assert checkpoint_mod.load_checkpoint("mlp5:mnist") is None
+
+
+def test_list_zoo_rows():
+    rows = list_zoo()
+    assert {r.name for r in rows} == set(ZOO)
+    assert {r.spec for r in rows} >= {"mlp5:mnist", "lenet:fashion-mnist", "resnet18:cifar10", "vgg16:cifar10"}
+    assert not any(r.cached for r in rows)
+    row = next(r for r in rows if r.spec == "resnet50:cifar10")
+    assert row.params == {"stem_channels": 64, "stem_kernel": 3, "stem_stride": 1}
+    assert row.needs_data_dir and row.test_accuracy is None
+    _fake_checkpoint("resnet18:cifar10,stem_stride=4")
+    extra = [r for r in list_zoo() if r.spec == "resnet18:cifar10,stem_stride=4"]
+    assert len(extra) == 1 and extra[0].cached
+
+
+# ----------------------------------------------------------------------------- hostile checkpoints
+
+
+class _SystemCall:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _ExecCall:
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (builtins.exec, (self.code,))
+
+
+def _touch_code(marker: Path) -> str:
+    return f"open({str(marker)!r}, 'w').close()"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickled_callable_is_refused(tmp_path, legacy):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pt"
+    payload = {"weight": torch.ones(2), "bias": _SystemCall(f"touch {marker}")}
+    torch.save(payload, evil, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError, match="refused") as info:
+        load_state_dict_file(evil)
+    assert "system" in str(info.value)
+    assert not marker.exists()
+    # through the public entry points as well
+    with pytest.raises(UnsafeCheckpointError):
+        load_model("lenet:mnist", weights=evil)
+    with pytest.raises(ModelSpecError, match="not a TorchScript"):
+        load_model(str(evil))
+    assert not marker.exists()
+
+
+def test_exec_payload_is_refused_and_would_have_run(tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _ExecCall(_touch_code(marker))}, evil)
+    with pytest.raises(UnsafeCheckpointError):
+        load_state_dict_file(evil)
+    assert not marker.exists()
+    # The payload is live: an unrestricted unpickler would have run it.
+    proof = tmp_path / "PROOF"
+    with open(tmp_path / "proof.pkl", "wb") as fh:
+        pickle.dump(_ExecCall(_touch_code(proof)), fh)
+    with open(tmp_path / "proof.pkl", "rb") as fh:
+        pickle.load(fh)  # noqa: S301 - deliberately, on our own file
+    assert proof.exists()
+
+
+def test_plain_pickle_file_is_refused(tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "weights.bin"
+    with open(evil, "wb") as fh:
+        pickle.dump(_ExecCall(_touch_code(marker)), fh, protocol=2)
+    with pytest.raises(UnsafeCheckpointError):
+        load_state_dict_file(evil)
+    assert not marker.exists()
+
+
+def test_unreadable_and_missing_weights(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ModelSpecError, match="cannot read"):
+        load_state_dict_file(junk)
+    bad_st = tmp_path / "junk.safetensors"
+    bad_st.write_bytes(b"\x00" * 20)
+    with pytest.raises(ModelSpecError, match="safetensors"):
+        load_state_dict_file(bad_st)
+    with pytest.raises(DataUnavailableError):
+        load_state_dict_file(tmp_path / "nope.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ModelSpecError, match="state dict"):
+        load_state_dict_file(tmp_path / "list.pt")
+
+
+# ----------------------------------------------------------------------------- loading user models
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module ``user_models_h`` with factories, importable for this test only."""
+    (tmp_path / "user_models_h.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def make():
+                torch.manual_seed(99)  # a different init from the one whose weights we load
+                return nn.Sequential(
+                    nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                    nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+                )
+
+            class Holder:
+                @staticmethod
+                def build():
+                    return make().eval()
+
+            def not_a_model():
+                return 42
+
+            def needs_args(width):
+                return nn.Linear(width, 2)
+
+            NOT_CALLABLE = 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    importlib.invalidate_caches()
+    yield
+    import sys
+
+    sys.modules.pop("user_models_h", None)
+
+
+def _reference_model():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    model.train()
+    model(torch.rand(16, 1, 8, 8))  # non-trivial BatchNorm running stats
+    return model.eval()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors", "nested_state_dict", "nested_model", "dataparallel"])
+def test_factory_with_weights(tmp_path, user_module, fmt):
+    ref = _reference_model()
+    state = ref.state_dict()
+    if fmt == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        path = tmp_path / "w.pt"
+        obj = {
+            "torch": state,
+            "nested_state_dict": {"state_dict": state, "epoch": 3},
+            "nested_model": {"model": state, "optimizer": {"lr": 0.1}},
+            "dataparallel": {f"module.{k}": v for k, v in state.items()},
+        }[fmt]
+        torch.save(obj, path)
+    with pytest.warns(TrainingModeWarning):
+        model = load_model("user_models_h:make", weights=str(path))
+    assert not any(m.training for m in model.modules())
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+
+
+def test_factory_eval_model_gives_no_warning(user_module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_model("user_models_h:Holder.build")
+    assert not model.training
+
+
+def test_training_mode_warning_and_eval(user_module):
+    with pytest.warns(TrainingModeWarning, match="training mode"):
+        model = load_model("user_models_h:make")
+    assert not any(m.training for m in model.modules())
+
+
+def test_factory_weights_mismatch(tmp_path, user_module):
+    state = _reference_model().state_dict()
+    missing = dict(state)
+    missing.pop("5.weight")
+    missing["extra.weight"] = torch.zeros(1)
+    torch.save(missing, tmp_path / "bad.pt")
+    with pytest.raises(ModelSpecError) as info:
+        load_model("user_models_h:make", weights=tmp_path / "bad.pt")
+    assert "missing keys 5.weight" in str(info.value) and "unexpected keys extra.weight" in str(info.value)
+    wrong = dict(state)
+    wrong["5.weight"] = torch.zeros(3, 7)
+    torch.save(wrong, tmp_path / "shape.pt")
+    with pytest.raises(ModelSpecError, match="shape mismatch in 5.weight"):
+        load_model("user_models_h:make", weights=tmp_path / "shape.pt")
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("user_models_h:not_a_model", "not a torch.nn.Module"),
+        ("user_models_h:needs_args", "failed"),
+        ("user_models_h:missing", "has no attribute"),
+        ("user_models_h:NOT_CALLABLE", "not callable"),
+        ("no_such_module_h:make", "cannot import module"),
+        ("alexnet", "cannot resolve model"),
+        ("resnet18:stem_stride=0", "positive integer"),
+    ],
+)
+def test_load_model_errors(user_module, spec, fragment):
+    with pytest.raises(ModelSpecError, match=fragment):
+        load_model(spec)
+
+
+def test_load_model_missing_file(tmp_path):
+    with pytest.raises(DataUnavailableError):
+        load_model(str(tmp_path / "model.pt"))
+
+
+def test_zoo_spec_with_weights(tmp_path):
+    ref = build_model("lenet:mnist", seed=3)
+    torch.save(ref.state_dict(), tmp_path / "lenet.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_model("lenet:mnist", weights=tmp_path / "lenet.pt")
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    with pytest.raises(ModelSpecError, match="do not fit"):
+        load_model("mlp5:mnist", weights=tmp_path / "lenet.pt")
+
+
+def test_zoo_spec_through_load_model_cifar_untrained():
+    model = load_model("vgg16:stem_stride=4", progress=False)
+    assert isinstance(model, nn.Module) and not model.training
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_round_trip(tmp_path, how):
+    ref = build_model("resnet18:stem_stride=2", seed=1)
+    x = torch.rand(2, 3, 32, 32)
+    scripted = torch.jit.script(ref) if how == "script" else torch.jit.trace(ref, x)
+    path = tmp_path / "model.pt"
+    scripted.save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_model(str(path))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    assert "parameters" in describe_model(model)
+    with pytest.raises(ModelSpecError, match="weights="):
+        load_model(str(path), weights=str(path))
+
+
+def test_torchscript_in_training_mode_is_switched(tmp_path):
+    scripted = torch.jit.script(build_model("lenet").train())
+    scripted.save(str(tmp_path / "train.pth"))
+    with pytest.warns(TrainingModeWarning):
+        model = load_model(str(tmp_path / "train.pth"))
+    assert not model.training
+
+
+def test_safetensors_file_alone_needs_architecture(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ModelSpecError, match="weights only"):
+        load_model(str(tmp_path / "w.safetensors"))
+
+
+def test_describe_model():
+    text = describe_model(build_model("resnet18:stem_stride=4"))
+    assert "\n" not in text
+    assert "11,173,962 parameters" in text
+    assert "first layer stem.conv: Conv2d(3, 64" in text and "stride=(4, 4)" in text
+    assert "Normalize(mean=(0.4914, 0.4822, 0.4465)" in text
+    assert "first layer fc1: Linear(in_features=784, out_features=256" in describe_model(build_model("mlp5"))
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_mlp5_mnist_full_training_accuracy():
+    """Full MNIST training of MLP-5 (default recipe) into the user's cache: >= 97%."""
+    _mnist_or_skip()
+    trained = train_zoo_model("mlp5:mnist", progress=False)
+    assert trained.test_accuracy is not None and trained.test_accuracy >= 0.97
+    assert trained.checkpoint is not None and trained.checkpoint.exists()
+    again = get_model("mlp5:mnist", progress=False)
+    assert again.from_cache and again.test_accuracy == trained.test_accuracy
