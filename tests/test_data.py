@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -63,12 +64,17 @@ def mnist_test(mnist_dir: Path) -> ImageDataset:
 
 
 @pytest.fixture(scope="session")
-def fashion_train() -> ImageDataset:
+def fashion_dir() -> Path:
+    return fetch("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_train(fashion_dir: Path) -> ImageDataset:
     return load_dataset("fashion-mnist", "train")
 
 
 @pytest.fixture(scope="session")
-def fashion_test() -> ImageDataset:
+def fashion_test(fashion_dir: Path) -> ImageDataset:
     return load_dataset("fashion-mnist", "test")
 
 
@@ -150,6 +156,33 @@ def test_fashion_mnist_unavailable_says_where_to_put_files(
         assert name in msg
 
 
+def test_fashion_mnist_from_installed_package(
+    fashion_dir: Path,
+    fashion_test: ImageDataset,
+    isolated_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stand-in for an installed dataset-fashion-mnist: `dpkg -L` lists its gzipped files,
+    # which are then read from there (no apt-get download) and verified.
+    pkg = tmp_path / "usr" / "share" / "datasets" / "fashion-mnist"
+    pkg.mkdir(parents=True)
+    for name in sources.FASHION_MNIST_SHA256:
+        (pkg / f"{name}.gz").write_bytes(gzip.compress((fashion_dir / name).read_bytes(), compresslevel=1))
+    listing = "\n".join(["/.", str(pkg), *(str(p) for p in sorted(pkg.iterdir()))])
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        assert cmd == ["dpkg", "-L", sources.FASHION_MNIST_PACKAGE], f"unexpected command {cmd}"
+        return subprocess.CompletedProcess(cmd, 0, listing, None)
+
+    monkeypatch.setattr(sources, "_run", fake_run)
+    monkeypatch.setattr(sources.shutil, "which", lambda name: f"/usr/bin/{name}")
+    ds = load_dataset("fashion-mnist", "test")
+    assert torch.equal(ds.images, fashion_test.images) and torch.equal(ds.targets, fashion_test.targets)
+    cached = isolated_cache / "data" / "fashion-mnist"
+    assert sorted(p.name for p in cached.iterdir() if p.name != ".lock") == sorted(sources.FASHION_MNIST_SHA256)
+
+
 # --- foolbox samples ------------------------------------------------------------------------
 
 
@@ -169,7 +202,9 @@ def test_foolbox_samples(foolbox_dir: Path, name: str, shape: tuple[int, int, in
     _check_value_range(ds)
 
 
-def test_foolbox_labels_and_provenance(foolbox_dir: Path, mnist_test: ImageDataset, fashion_test: ImageDataset) -> None:
+def test_foolbox_labels_and_provenance(
+    foolbox_dir: Path, mnist_test: ImageDataset, fashion_test: ImageDataset
+) -> None:
     assert load_dataset("foolbox-cifar10").targets[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
     cifar100 = load_dataset("foolbox-cifar100")
     assert cifar100.classes[cifar100.targets[0]] == "mountain"
@@ -260,7 +295,9 @@ def test_corrupt_cached_mnist_is_removed_and_refetched(
     assert "fetching MNIST" in capsys.readouterr().err
 
 
-def test_hand_placed_gzip_files_are_verified_and_imported(mnist_dir: Path, mnist_test: ImageDataset, isolated_cache: Path) -> None:
+def test_hand_placed_gzip_files_are_verified_and_imported(
+    mnist_dir: Path, mnist_test: ImageDataset, isolated_cache: Path
+) -> None:
     folder = isolated_cache / "data" / "mnist"
     folder.mkdir(parents=True)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):

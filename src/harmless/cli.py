@@ -1,0 +1,237 @@
+"""The ``harmless`` command-line tool.
+
+Sits on top of everything else: it parses arguments, calls the library, prints. A user
+mistake (a :class:`~harmless.errors.HarmlessError`) is one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from harmless import __version__
+from harmless.errors import HarmlessError, InputError
+
+EXIT_USER_ERROR = 2
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``; a clear error for anything else."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise InputError(f"--input-shape must be positive integers like 3,32,32, got {text!r}")
+    return shape
+
+
+def resolve_model(spec: str, *, weights: str | None, input_shape: str | None, data_dir: str | None,
+                  progress: bool = True):  # noqa: ANN201 - (nn.Module, shape)
+    """Load the model named by ``spec`` and decide its input shape (a zoo model knows it)."""
+    from harmless.models import DATASETS, is_zoo_spec, load_model, parse_spec
+
+    model = load_model(spec, weights=weights, data_dir=data_dir, progress=progress)
+    if input_shape is not None:
+        return model, parse_shape(input_shape)
+    if is_zoo_spec(spec):
+        return model, tuple(DATASETS[parse_spec(spec).dataset].in_shape)
+    raise InputError("--input-shape is required for models outside the zoo (e.g. --input-shape 3,32,32)")
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from harmless.data import list_datasets
+
+    rows = []
+    for d in list_datasets():
+        size = ", ".join(f"{k} {v}" for k, v in d.size.items()) if d.size else "user-supplied"
+        rows.append([d.name, size, "yes" if d.cached else "no", d.description])
+    _print_table(rows, ["name", "size", "cached", "description"])
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from harmless.data import fetch
+
+    for name in args.names:
+        path = fetch(name)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from harmless.models import list_zoo
+
+    rows = []
+    for r in list_zoo():
+        acc = f"{100 * r.test_accuracy:.2f}%" if r.test_accuracy is not None else "-"
+        rows.append([r.spec, "yes" if r.cached else "no", acc, r.description])
+    _print_table(rows, ["spec", "cached", "test acc", "description"])
+    return 0
+
+
+def cmd_models_train(args: argparse.Namespace) -> int:
+    from harmless.models import get_model, train_zoo_model
+
+    for spec in args.specs:
+        if args.epochs is not None or args.seed != 0 or args.force:
+            tm = train_zoo_model(spec, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
+                                 progress=not args.quiet)
+        else:
+            tm = get_model(spec, data_dir=args.data_dir, progress=not args.quiet)
+        if tm.trained:
+            where = "from cache" if tm.from_cache else "trained"
+            print(f"{tm.spec.key}: {where}, test accuracy {100 * tm.test_accuracy:.2f}% ({tm.checkpoint})")
+        else:
+            print(f"{tm.spec.key}: untrained (seeded random weights; pass --data-dir with CIFAR-10 to train)")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from harmless.linalg.report import format_dim, layer_report, markdown_table
+    from harmless.linalg.subspace import harmless_subspace
+
+    model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
+                                 data_dir=args.data_dir, progress=not args.json)
+    prefix, rows, description = layer_report(model, shape)
+    layer_space = None
+    if args.layer:
+        layer_space = harmless_subspace(model, shape, layer=args.layer, dtype=torch.float64)
+    if args.json:
+        payload = {"model": args.model, "input_shape": list(shape), "linear_prefix": description,
+                   "input_level": prefix.as_dict(), "layers": [r.as_dict() for r in rows]}
+        if layer_space is not None:
+            payload["layer"] = {"name": args.layer, "input_shape": list(layer_space.input_shape),
+                                "dim": layer_space.dim, "ambient_dim": layer_space.ambient_dim,
+                                "method": layer_space.dim_method}
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(f"model: {args.model}   input shape: {'x'.join(map(str, shape))}")
+    print(f"linear prefix: {description}")
+    exists = prefix.harmless_dim is None or prefix.harmless_dim > 0
+    print(f"input-level harmless subspace: dim {format_dim(prefix)} of {prefix.input_dim}"
+          + ("" if exists else "  (none: the prefix is injective; see harmless.least_harmful)"))
+    print()
+    print(markdown_table(prefix, rows), end="")
+    if layer_space is not None:
+        print(f"\nH^(l) at the input of {args.layer}: dim {layer_space.dim} of {layer_space.ambient_dim} "
+              f"({layer_space.dim_method})")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from harmless.experiments import run_experiment
+
+    for name in args.experiments:
+        for path in run_experiment(name, out_dir=Path(args.out), quick=args.quick, data_dir=args.data_dir):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from harmless.experiments.demo import run_demo
+
+    run_demo(out_dir=Path(args.out), quick=args.quick)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harmless",
+        description="Find, measure and use the harmless perturbations of deep networks: input changes "
+                    "of any size that leave a model's output exactly unchanged.")
+    p.add_argument("--version", action="version", version=f"harmless {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="list and fetch datasets").add_subparsers(dest="data_command", metavar="ACTION")
+    d_list = data.add_parser("list", help="list the datasets and whether they are cached")
+    d_list.set_defaults(func=cmd_data_list)
+    d_fetch = data.add_parser("fetch", help="fetch datasets into the cache (checksums verified)")
+    d_fetch.add_argument("names", nargs="+", metavar="NAME")
+    d_fetch.set_defaults(func=cmd_data_fetch)
+
+    models = sub.add_parser("models", help="list and train the model zoo").add_subparsers(
+        dest="models_command", metavar="ACTION")
+    m_list = models.add_parser("list", help="list zoo models, cached checkpoints and their test accuracy")
+    m_list.set_defaults(func=cmd_models_list)
+    m_train = models.add_parser("train", help="train zoo models (reused from cache when present)")
+    m_train.add_argument("specs", nargs="+", metavar="SPEC", help="e.g. mlp5:mnist, lenet:fashion-mnist")
+    m_train.add_argument("--data-dir", help="folder with a user-supplied dataset (CIFAR-10 python pickles)")
+    m_train.add_argument("--epochs", type=int, help="override the default number of epochs (forces training)")
+    m_train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    m_train.add_argument("--force", action="store_true", help="train even if a checkpoint is cached")
+    m_train.add_argument("--quiet", action="store_true", help="no progress bar")
+    m_train.set_defaults(func=cmd_models_train)
+
+    an = sub.add_parser("analyze", help="the harmless subspace of a model: linear prefix and every linear layer")
+    an.add_argument("model", metavar="MODEL",
+                    help="zoo spec (mlp5:mnist, resnet18:stem_stride=8), TorchScript file, or package.module:factory")
+    an.add_argument("--input-shape", help="C,H,W of one input (zoo models know theirs)")
+    an.add_argument("--weights", help="state-dict file (.pt with weights_only or .safetensors) for the model")
+    an.add_argument("--layer", help="also report H^(l) at the input of this named layer")
+    an.add_argument("--data-dir", help="user-supplied dataset folder for zoo models that need one")
+    an.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    an.set_defaults(func=cmd_analyze)
+
+    rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
+    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "all"],
+                     help="fig2, table1, fig3 or all")
+    rep.add_argument("--quick", action="store_true", help="fewer points and images (minutes instead of more)")
+    rep.add_argument("--out", default="results", help="output folder (default: results)")
+    rep.add_argument("--data-dir", help="a CIFAR-10 python-pickle folder to train the CIFAR models on")
+    rep.set_defaults(func=cmd_reproduce)
+
+    demo = sub.add_parser("demo", help="the main job: MNIST, MLP-5, its harmless subspace and exactness")
+    demo.add_argument("--quick", action="store_true", help="fewer test images")
+    demo.add_argument("--out", default="results/demo", help="where figures go (default: results/demo)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else EXIT_USER_ERROR
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return int(args.func(args) or 0)
+    except HarmlessError as exc:
+        print(f"harmless: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as exc:
+        print(f"harmless: error: {exc.strerror or 'not found'}: {exc.filename}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("harmless: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

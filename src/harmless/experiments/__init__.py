@@ -1,0 +1,26 @@
+"""Experiment scripts that reproduce the paper's results; they sit on the applications and
+the core, and write markdown tables and PNG figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harmless.errors import InputError
+
+EXPERIMENTS = ("fig2", "table1", "fig3")
+
+
+def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: str | None = None) -> list[Path]:
+    """Run one experiment (or ``all``) and return the files it wrote."""
+    if name == "all":
+        return [p for e in EXPERIMENTS for p in run_experiment(e, out_dir=out_dir, quick=quick, data_dir=data_dir)]
+    if name == "fig2":
+        from harmless.experiments.fig2 import run
+        return run(out_dir, quick=quick, data_dir=data_dir)
+    if name == "table1":
+        from harmless.experiments.exactness import run_table1
+        return run_table1(out_dir, quick=quick, data_dir=data_dir)
+    if name == "fig3":
+        from harmless.experiments.exactness import run_fig3
+        return run_fig3(out_dir, quick=quick, data_dir=data_dir)
+    raise InputError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")

@@ -1,0 +1,85 @@
+"""A per-layer report of a model's linear structure: for the linear prefix and for every
+Linear/Conv layer, input and output dimensions, rank and harmless dimension."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from harmless.errors import TooLargeError
+from harmless.linalg.prefix import linear_layers, linear_run
+from harmless.linalg.rank import analyze_rank
+
+#: Per-layer limits for the report: wide enough for CIFAR-size layers, small enough to stay fast.
+REPORT_DENSE_LIMIT = 20_000_000
+REPORT_GRAM_LIMIT = 4_096
+
+
+@dataclass
+class LayerRow:
+    """One row of the report. ``rank``/``harmless_dim`` are ``None`` when not computable
+    here; ``harmless_dim_lower`` is then the rank-nullity bound ``max(0, n - m)``."""
+
+    name: str
+    kind: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    input_dim: int
+    output_dim: int
+    rank: int | None
+    harmless_dim: int | None
+    harmless_dim_lower: int
+    method: str
+    input_level: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _row(name: str, kind: str, op: torch.nn.Module | object, input_level: bool) -> LayerRow:
+    n, m = op.n, op.m  # type: ignore[attr-defined]
+    try:
+        info = analyze_rank(op, method="auto", dense_limit=REPORT_DENSE_LIMIT, gram_limit=REPORT_GRAM_LIMIT,
+                            bases=False)  # type: ignore[arg-type]
+        rank, dim, method = info.rank, info.dim, info.method
+    except TooLargeError:
+        rank, dim, method = None, None, "too large"
+    return LayerRow(name=name, kind=kind, in_shape=op.in_shape, out_shape=op.out_shape,  # type: ignore[attr-defined]
+                    input_dim=n, output_dim=m, rank=rank, harmless_dim=dim, harmless_dim_lower=max(0, n - m),
+                    method=method, input_level=input_level)
+
+
+def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64
+                 ) -> tuple[LayerRow, list[LayerRow], str]:
+    """``(prefix row, per-layer rows, prefix description)`` for ``model``.
+
+    The prefix row is the input-level harmless subspace (the whole model ignores it); the
+    per-layer rows are each layer's own H^(l), a subspace of that layer's input features.
+    """
+    run = linear_run(model, input_shape, dtype=dtype)
+    prefix = _row("linear prefix", "+".join(r.kind for r in run.layers) or "identity", run.operator, True)
+    rows = [_row(rec.name, rec.kind, op, False) for rec, op in linear_layers(model, input_shape, dtype=dtype)]
+    return prefix, rows, run.description
+
+
+def format_dim(row: LayerRow) -> str:
+    """The harmless dimension as text: exact, or a lower bound when not computable."""
+    if row.harmless_dim is not None:
+        return str(row.harmless_dim)
+    return f">= {row.harmless_dim_lower}"
+
+
+def markdown_table(prefix: LayerRow, rows: list[LayerRow]) -> str:
+    """The report as a markdown table."""
+    head = "| layer | kind | input shape | n | m | rank | harmless dim | method |\n|---|---|---|---:|---:|---:|---:|---|\n"
+    lines = []
+    for r in [prefix, *rows]:
+        rank = "?" if r.rank is None else str(r.rank)
+        shape = "x".join(map(str, r.in_shape))
+        lines.append(f"| {r.name} | {r.kind} | {shape} | {r.input_dim} | {r.output_dim} | {rank} | "
+                     f"{format_dim(r)} | {r.method} |")
+    return head + "\n".join(lines) + "\n"
+
