@@ -348,6 +348,7 @@ def test_cifar_without_data_is_random_init():
     assert not a.trained and not b.trained
     assert a.test_accuracy is None and a.checkpoint is None
     assert "untrained" in a.weights_note
+    assert describe_model(a.model).endswith("untrained weights (random init, seed 0)")
     assert _state_equal(a.model, b.model)  # seeded
     assert not checkpoint_paths("resnet18:stem_stride=8")[0].exists()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -84,10 +83,14 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
                                 (1, delta[i], "harmless δ (RMS 0.5)"),
                                 (2, show[i] + delta[i], f"x+δ: {int(p1.indices[i])} ({float(p1.values[i]):.3f})")):
             ax = axes[row, i]
-            ax.imshow(img[0].numpy(), cmap="gray" if row != 1 else "RdBu_r")
+            if row == 1:
+                lim = float(delta.abs().max())
+                ax.imshow(img[0].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+            else:
+                ax.imshow(img[0].numpy(), cmap="gray")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.suptitle(f"{SPEC}: adding harmless perturbations leaves every prediction and confidence unchanged")
     path = save_figure(fig, out_dir / "harmless_mnist.png")
     print(f"\nfigure: {path}  ({time.perf_counter() - t0:.0f} s in all)")
-    del math
+

@@ -11,6 +11,7 @@ layer itself to every basis vector) where that matrix is small enough.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
         stem = first_layer(model)
         n, m = space.ambient_dim, space.output_dim
         oracle = brute_force_rank(stem, (3, 32, 32)) if m * n <= ORACLE_LIMIT and not quick else None
+        tqdm.write(f"  {arch} stride {stride}: dim {dim} ({space.dim_method}, {seconds:.1f} s)", file=sys.stderr)
         conv_rows.append(dict(arch=arch, stride=stride, kernel=stem.kernel_size[0], n=n, m=m, dim=dim,
                               n_minus_m=max(0, n - m), oracle=None if oracle is None else n - oracle,
                               method=space.dim_method, seconds=seconds))
@@ -80,7 +82,9 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
     for label, in_shape in (("MNIST-size 1x28x28", (1, 28, 28)), ("SVHN-size 3x32x32", (3, 32, 32))):
         for w in tqdm(widths, desc=f"fig2 MLP-5 {label}", disable=None):
             torch.manual_seed(0)
-            model = MLP5(in_shape=in_shape, hidden=(w, 256, 256, 256), num_classes=10).eval()
+            c = in_shape[0]
+            model = MLP5(in_shape=in_shape, hidden=(w, 256, 256, 256), num_classes=10,
+                         mean=(0.5,) * c, std=(0.25,) * c).eval()
             space = harmless_subspace(model, in_shape)
             n, m = space.ambient_dim, space.output_dim
             oracle = n - brute_force_rank(first_layer(model), in_shape) if not quick else None

@@ -1,12 +1,18 @@
 """The rank of a linear operator, and so the dimension of its nullspace (Theorem 1:
 ``dim = n - rank(A)``), by the cheapest method that is exact for it.
 
-Methods, tried in this order by :func:`analyze_rank` with ``method="auto"``:
+Methods (``method="auto"`` uses the cheapest exact one that applies: disjoint-window
+structure, then the Cholesky certificate, then a dense SVD, then the other structural
+routes):
 
 ``dense-svd``
     The matrix is built (``m * n`` up to a limit) and its singular values computed with
     LAPACK; the rank counts singular values above ``sigma_max * max(m, n) * eps`` (NumPy's
     ``matrix_rank`` rule). Also yields orthonormal bases of the row space and the nullspace.
+``gram-cholesky``
+    For a tall operator (``m >= n``) asked only for its rank: a Cholesky factorisation of
+    ``A^T A - tol I`` exists exactly when every eigenvalue exceeds ``tol`` (the threshold
+    below), which certifies full column rank (``dim = 0``) far more cheaply than an SVD.
 ``gram-eigh``
     For tall operators (``m > n``) whose matrix is too big but whose ``n x n`` Gram matrix
     ``A^T A`` is not: eigenvalues of the Gram matrix, thresholded at
@@ -108,20 +114,52 @@ def dense_svd_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT,
     return result
 
 
-def gram_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_GRAM_LIMIT) -> RankResult:
-    """Rank from the eigenvalues of ``A^T A`` (see the module docstring for the threshold)."""
+def _gram_tol(lam_max: float, n: int) -> float:
+    return lam_max * n * np.finfo(np.float64).eps * 100
+
+
+def _full_column_rank_certificate(op: TorchLinearOperator, gram: np.ndarray | None = None) -> RankResult | None:
+    """``rank = n`` if a Cholesky factorisation of ``A^T A - tol I`` exists (every eigenvalue
+    above the threshold the eigenvalue count would use), else ``None``: a fraction of the
+    cost of an SVD or an eigendecomposition."""
+    g = op.to_gram().to("cpu", torch.float64).numpy() if gram is None else gram
+    lam_max_bound = float(np.abs(g).sum(axis=0).max())  # ||G||_1 >= lambda_max
+    try:
+        scipy.linalg.cholesky(g - _gram_tol(lam_max_bound, op.n) * np.eye(op.n), lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    return RankResult(n=op.n, m=op.m, rank=op.n, method="gram-cholesky",
+                      notes=["full column rank certified by a Cholesky factorisation of A^T A - tol I"])
+
+
+def gram_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_GRAM_LIMIT, bases: bool = True) -> RankResult:
+    """Rank from the eigenvalues of ``A^T A`` (see the module docstring for the threshold).
+
+    Without ``bases``, full column rank is first certified by a Cholesky factorisation of
+    ``A^T A - tol I``: it succeeds exactly when every eigenvalue exceeds ``tol``, the same
+    threshold the eigenvalue count uses, at a fraction of an eigendecomposition's cost.
+    """
     if op.n > limit:
         raise TooLargeError(f"the Gram matrix would be {op.n} x {op.n}, above the limit {limit}")
     g = op.to_gram().to("cpu", torch.float64).numpy()
-    lam, vec = scipy.linalg.eigh(g)
-    lam, vec = lam[::-1], vec[:, ::-1]
-    lam_max = max(float(lam[0]), 0.0)
-    tol = lam_max * op.n * np.finfo(np.float64).eps * 100
+    if not bases:
+        certified = _full_column_rank_certificate(op, gram=g)
+        if certified is not None:
+            return certified
+        lam = scipy.linalg.eigh(g, eigvals_only=True, check_finite=False)[::-1]
+        vec = None
+    else:
+        lam, vec = scipy.linalg.eigh(g, check_finite=False)
+        lam, vec = lam[::-1], vec[:, ::-1]
+    tol = _gram_tol(max(float(lam[0]), 0.0), op.n)
     rank = int(np.sum(lam > tol))
     sv = np.sqrt(np.clip(lam, 0.0, None))
-    return RankResult(n=op.n, m=op.m, rank=rank, method="gram-eigh", singular_values=sv,
-                      row_basis=vec[:, :rank].T.copy(), null_basis=vec[:, rank:].T.copy(), gap=_gap(sv, rank),
-                      notes=["bases from the Gram matrix carry ~sqrt(eps) error; projections use CGLS"])
+    result = RankResult(n=op.n, m=op.m, rank=rank, method="gram-eigh", singular_values=sv, gap=_gap(sv, rank))
+    if vec is not None:
+        result.row_basis = vec[:, :rank].T.copy()
+        result.null_basis = vec[:, rank:].T.copy()
+        result.notes.append("bases from the Gram matrix carry ~sqrt(eps) error; projections use CGLS")
+    return result
 
 
 def _non_bijective_core(op: TorchLinearOperator) -> TorchLinearOperator | None:
@@ -235,11 +273,20 @@ def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: 
     if method == "dense":
         return dense_svd_rank(op, limit=dense_limit, bases=bases)
     if method == "gram":
-        return gram_rank(op, limit=gram_limit)
+        return gram_rank(op, limit=gram_limit, bases=bases)
     if method == "auto":
-        if isinstance(op, MatrixOperator) or op.m * op.n <= dense_limit:
-            return dense_svd_rank(op, limit=max(dense_limit, op.m * op.n) if isinstance(op, MatrixOperator)
-                                  else dense_limit, bases=bases)
+        if isinstance(op, MatrixOperator):
+            return dense_svd_rank(op, limit=max(dense_limit, op.m * op.n), bases=bases)
+        core = _non_bijective_core(op)
+        if not bases and isinstance(core, ConvOperator) and conv_windows_disjoint(core):
+            r = patchwise_conv_rank(core)  # exact and nearly free: no need for a dense SVD
+            return RankResult(n=op.n, m=op.m, rank=r.rank, method=r.method, notes=r.notes)
+        if not bases and op.m >= op.n and op.n <= gram_limit:
+            certified = _full_column_rank_certificate(op)
+            if certified is not None:
+                return certified
+        if op.m * op.n <= dense_limit:
+            return dense_svd_rank(op, limit=dense_limit, bases=bases)
     # Structure: reduce to the one non-bijective factor, then use what is known of it.
     if op.bijective:
         return RankResult(n=op.n, m=op.m, rank=op.n, method="structure", notes=["a bijection"])
@@ -256,12 +303,12 @@ def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: 
         elif target.n > target.m:
             r = corollary1_rank(target)
         elif target.n <= gram_limit:
-            r = gram_rank(target, limit=gram_limit)
+            r = gram_rank(target, limit=gram_limit, bases=False)
         else:
             raise TooLargeError(f"{type(target).__name__} with n = {target.n} <= m = {target.m} and overlapping "
                                 "windows is too large for an exact rank here")
         return RankResult(n=op.n, m=op.m, rank=r.rank, method=r.method, gap=r.gap, notes=note + r.notes)
     if method == "auto" and op.m > op.n and op.n <= gram_limit:
-        return gram_rank(op, limit=gram_limit)
+        return gram_rank(op, limit=gram_limit, bases=bases)
     raise TooLargeError(f"no exact rank method fits this {op.m} x {op.n} operator ({op!r}); its matrix exceeds "
                         f"the dense limit {dense_limit:,}")

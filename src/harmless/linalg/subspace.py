@@ -77,7 +77,7 @@ class HarmlessSubspace:
     @cached_property
     def rank_info(self) -> RankResult:
         """How the rank was found (method, singular values, gap), computed on first use."""
-        return analyze_rank(self.operator, method=self._method, dense_limit=self._dense_limit)
+        return analyze_rank(self.operator, method=self._method, dense_limit=self._dense_limit, bases=False)
 
     @property
     def dim(self) -> int:
@@ -95,29 +95,27 @@ class HarmlessSubspace:
         return self.rank_info.method
 
     @cached_property
+    def _factorization(self) -> RankResult | None:
+        """A dense SVD with orthonormal bases, when the matrix is small enough (else CGLS)."""
+        if self.operator.m * self.operator.n > self._dense_limit or self._method not in ("auto", "dense"):
+            return None
+        return analyze_rank(self.operator, method="dense", dense_limit=self._dense_limit, bases=True)
+
+    @cached_property
     def operator_norm(self) -> float:
         """``||A||_2`` (exact from the SVD when available, else a power-iteration estimate)."""
-        sv = self._dense_rank().singular_values if self._dense_available else None
-        if sv is not None and sv.size:
-            return float(sv[0])
+        fact = self._factorization
+        if fact is not None and fact.singular_values is not None and fact.singular_values.size:
+            return float(fact.singular_values[0])
         return self.operator.norm_estimate()
 
     @cached_property
-    def _dense_available(self) -> bool:
-        return self.operator.m * self.operator.n <= self._dense_limit and self._method in ("auto", "dense")
-
-    def _dense_rank(self) -> RankResult:
-        info = self.rank_info
-        if info.method != "dense-svd":
-            raise TooLargeError("no dense factorisation was computed for this subspace")
-        return info
-
-    @cached_property
     def _row_basis(self) -> torch.Tensor | None:
-        """Orthonormal rows spanning the row space (dense path only)."""
-        if not self._dense_available or self.rank_info.method != "dense-svd" or self.rank_info.row_basis is None:
+        """Orthonormal rows spanning the row space (dense path, when a nullspace exists)."""
+        fact = self._factorization
+        if fact is None or fact.row_basis is None:
             return None
-        return torch.as_tensor(self.rank_info.row_basis, dtype=self.dtype, device=self.operator.device)
+        return torch.as_tensor(fact.row_basis, dtype=self.dtype, device=self.operator.device)
 
     def __repr__(self) -> str:
         return (f"HarmlessSubspace(input_shape={self.input_shape}, ambient_dim={self.ambient_dim}, "
@@ -139,7 +137,8 @@ class HarmlessSubspace:
     # -- the algorithms ------------------------------------------------------------------
     def _harmful(self, d: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection onto the row space of A (the harmful part), validated input."""
-        if self._dense_available and self.rank_info.method == "dense-svd" and self.rank == self.ambient_dim:
+        fact = self._factorization
+        if fact is not None and fact.rank == self.ambient_dim:
             return d.clone()  # injective: every direction is harmful
         basis = self._row_basis
         if basis is not None:
@@ -191,8 +190,10 @@ class HarmlessSubspace:
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""
-        info = self.rank_info
-        if info.null_basis is None:
+        info = self._factorization
+        if info is None and self.rank_info.method == "gram-eigh":
+            info = analyze_rank(self.operator, method="gram", bases=True)
+        if info is None or info.null_basis is None:
             raise TooLargeError(
                 f"basis() needs a dense factorisation, but this {self.output_dim} x {self.ambient_dim} operator "
                 f"exceeds the dense limit ({self._dense_limit:,} entries); use project() and sample(), which "

@@ -346,4 +346,7 @@ def describe_model(model: nn.Module) -> str:
         break
     if first:
         parts.append(first)
+    note = getattr(model, "weights_note", None)  # set on zoo models by get_model & co.
+    if isinstance(note, str):
+        parts.append(note)
     return "; ".join(parts)

@@ -165,8 +165,9 @@ def _build_vgg16(p: Mapping[str, Any], ds: DatasetInfo) -> nn.Module:
 
 
 _ALL_DATASETS = tuple(DATASETS)
-_SMALL_CONFIG = TrainConfig(epochs=5, batch_size=128, optimizer="adam", lr=1e-3)
-_SMALL_CIFAR_CONFIG = TrainConfig(epochs=20, batch_size=128, optimizer="adam", lr=1e-3, augment=True)
+# Adam 1e-3, batch 128, decayed to 0 by a per-step cosine: MLP-5 reaches ~98% on MNIST.
+_SMALL_CONFIG = TrainConfig(epochs=5, batch_size=128, optimizer="adam", lr=1e-3, schedule="cosine")
+_SMALL_CIFAR_CONFIG = dataclasses.replace(_SMALL_CONFIG, epochs=20, augment=True)
 _CIFAR_CONFIG = TrainConfig(
     epochs=30,
     batch_size=128,

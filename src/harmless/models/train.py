@@ -73,6 +73,10 @@ class TrainedModel:
     max_train_samples: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        # Lets describe_model() (and anyone holding only the module) tell trained from not.
+        self.model.weights_note = self.weights_note
+
     @property
     def key(self) -> str:
         return self.spec.key
