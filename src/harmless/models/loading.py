@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harmless.errors import DataUnavailableError, ModelSpecError, UnsafeCheckpointError
+from harmless.errors import DataUnavailableError, ModelSpecError, TrainingModeWarning, UnsafeCheckpointError
 from harmless.models.registry import build_model, is_zoo_spec, parse_spec, zoo_names
 
 __all__ = [
@@ -48,10 +48,6 @@ __all__ = [
 
 _FACTORY_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pkl", ".ts")
-
-
-class TrainingModeWarning(UserWarning):
-    """A loaded model was in training mode; harmless switched it to eval mode."""
 
 
 # ----------------------------------------------------------------------------- weights
