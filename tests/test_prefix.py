@@ -365,7 +365,49 @@ def test_squeeze_and_unsqueeze_methods_are_reshapes() -> None:
     assert harmless.harmless_subspace(model, (12,)).dim == 12 - 3
 
 
+class SqueezeAll(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.conv(x).squeeze()))  # (B, 1, 6) -> (B, 6) for B > 1
+
+
+def test_squeeze_without_dim_after_a_layer() -> None:
+    """A valid model (for batches > 1) whose forward calls x.squeeze(). ShapeProp traces
+    with a batch of 1, so the traced squeeze drops the batch axis too, and _linear_step
+    builds ReshapeOperator((1, 6), ()) which raises InputError("cannot reshape (1, 6) to ()")
+    out of linear_run. Expected: fold it or stop the run there, never fail the analysis."""
+    model = _seeded(SqueezeAll(), 1)
+    space = harmless.harmless_subspace(model, (1, 8))
+    conv_dim = _dim(model.conv, (1, 8))
+    a_full = oracle.dense_matrix(nn.Sequential(model.conv, nn.Flatten(), model.fc), (1, 8))
+    assert space.dim in (conv_dim, 8 - oracle.rank(a_full))
+    s = space.sample(3).float()
+    x = torch.randn(3, 1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x + 100 * s), model(x), atol=1e-3, rtol=0)
+
+
+def test_batch_mixing_view_stops_the_run() -> None:
+    """x.view(-1, 4) on (B, 8) makes (2B, 4): not a per-sample map. The run should stop
+    there (dim 0 here) rather than raise InputError("cannot reshape (8,) to (4,))")."""
+    class Mix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x.view(-1, 4)))
+
+    run = linear_run(Mix().eval(), (8,))
+    assert run.layers == [] and run.stopped_at is not None
+
+
 # ---------------------------------------------------------------------------------------
+# Training mode, side effects# ---------------------------------------------------------------------------------------
 # Training mode, side effects
 # ---------------------------------------------------------------------------------------
 def test_training_mode_warns_and_flags_are_restored() -> None:

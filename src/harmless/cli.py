@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -25,10 +26,8 @@ EXIT_USER_ERROR = 2
 # ---------------------------------------------------------------------------------------
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"3,32,32"`` -> ``(3, 32, 32)``; a clear error for anything else."""
-    try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        shape = ()
+    parts = re.split(r"[,x]", text.strip())
+    shape = tuple(int(p) for p in parts) if all(p.strip().isdigit() for p in parts) else ()
     if not shape or any(s <= 0 for s in shape):
         raise InputError(f"--input-shape must be positive integers like 3,32,32, got {text!r}")
     return shape
@@ -212,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    print(f"harmless: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
     except HarmlessError as exc:
         print(f"harmless: error: {exc}", file=sys.stderr)

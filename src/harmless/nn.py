@@ -27,6 +27,8 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[1] == self.mean.shape[0], "Normalize: the input's channel count (dim 1) "
+                      "differs from the number of mean/std values")
         # Channels moved last so the per-channel vectors broadcast for any number of
         # spatial axes, without reading x.ndim (keeps the module torch.fx-traceable).
         moved = x.movedim(1, -1)

@@ -103,12 +103,14 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
                  "-" if r["oracle"] is None else str(r["oracle"]), r["method"]] for r in fc_rows])
     mismatches = [r for r in conv_rows + fc_rows if r["oracle"] is not None and r["oracle"] != r["dim"]]
     deviates = [r for r in conv_rows if r["dim"] != r["n_minus_m"]]
+    n_oracle = sum(r["oracle"] is not None for r in conv_rows + fc_rows)
     text = ("# Figure 2: dimension of the harmless subspace\n\n"
             "Weights: seeded random initialisation (untrained): the dimension depends on the layer's shape and "
             "rank, not on training.\n\n## (a) Convolutional stems on 3x32x32 inputs\n\n" + t1.markdown() +
             "\n## (b) First fully-connected layer of MLP-5\n\n" + t2.markdown() +
-            f"\nMeasured vs dense oracle: {len(mismatches)} mismatches "
-            f"(oracle computed where the matrix has <= {ORACLE_LIMIT:,} entries).\n\n"
+            (f"\nMeasured vs dense oracle: {len(mismatches)} mismatches in {n_oracle} comparisons "
+               f"(oracle computed where the matrix has <= {ORACLE_LIMIT:,} entries).\n\n" if n_oracle else
+               "\nDense oracle not computed (--quick).\n\n") +
             f"Conv stems where the measured dimension differs from max(0, n - m): {len(deviates)} of "
             f"{len(conv_rows)}. These are stems whose kernel is smaller than the stride, or whose "
             "C_out kernels cannot be linearly independent in R^(C_in k^2) (VGG-16 / ResNet-18: 64 kernels in "
@@ -116,9 +118,10 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
             + provenance(cmd))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arch, marker in (("resnet18", "o"), ("resnet50", "s"), ("vgg16", "^")):
+    for arch, marker, style in (("resnet18", "o", "-"), ("resnet50", "s", "-"), ("vgg16", "^", ":")):
         rs = [r for r in conv_rows if r["arch"] == arch]
-        axes[0].plot([r["m"] for r in rs], [r["dim"] for r in rs], marker=marker, label=f"{arch} stem (measured)")
+        axes[0].plot([r["m"] for r in rs], [r["dim"] for r in rs], marker=marker, ls=style, ms=4,
+                     label=f"{arch} stem, {rs[0]['kernel']}x{rs[0]['kernel']} (measured)")
     ms = sorted({r["m"] for r in conv_rows})
     axes[0].plot(ms, [max(0, 3072 - m) for m in ms], "k--", lw=1, label="max(0, n - m)")
     axes[0].set_xscale("log")

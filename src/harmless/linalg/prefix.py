@@ -104,12 +104,15 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModule
             "or pass a TorchLinearOperator directly") from exc
     device, dtype = _model_device_dtype(model)
     example = torch.zeros(1, *input_shape, dtype=dtype, device=device)
-    try:
+    try:  # run the model itself first: its own error message is the one worth showing
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+            model(example)
     except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise InputError(f"the model does not accept inputs of shape (B, {', '.join(map(str, input_shape))}): "
-                         f"{type(exc).__name__}: {exc}") from exc
+                         f"{type(exc).__name__}: {first_line}") from exc
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
     return gm
 
 

@@ -1,0 +1,200 @@
+"""The command-line tool: every user error is one clear line and exit code 2; the happy
+paths print what they claim. Runs in-process through ``harmless.cli.main``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from harmless import __version__
+from harmless.cli import EXIT_USER_ERROR, main, parse_shape
+from harmless.errors import InputError
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert lines[0].startswith("harmless: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"harmless {__version__}"
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("data", "models", "analyze", "reproduce", "demo"):
+        assert command in out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, )
+    assert code == 0 and "usage: harmless" in out
+
+
+def test_console_script_entry_point() -> None:
+    proc = subprocess.run([sys.executable, "-m", "harmless.cli", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+@pytest.mark.parametrize("text, expected", [("3,32,32", (3, 32, 32)), ("1x28x28", (1, 28, 28)), ("784", (784,))])
+def test_parse_shape(text: str, expected: tuple[int, ...]) -> None:
+    assert parse_shape(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "3,-1,2", "0", "3,,x"])
+def test_parse_shape_rejects(text: str) -> None:
+    with pytest.raises(InputError, match="--input-shape"):
+        parse_shape(text)
+
+
+def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unknown_zoo_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "analyze", "resnet999")
+    assert code == EXIT_USER_ERROR
+    assert "resnet999" in one_error_line(err)
+
+
+def test_bad_zoo_parameter(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "analyze", "resnet18:stem_stride=banana")
+    assert code == EXIT_USER_ERROR
+    assert "stem_stride" in one_error_line(err)
+
+
+def test_missing_model_file(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    code, _, err = run(capsys, "analyze", str(tmp_path / "nope.pt"), "--input-shape", "3,32,32")
+    assert code == EXIT_USER_ERROR
+    one_error_line(err)
+
+
+def test_bad_input_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "analyze", "resnet18:stem_stride=8", "--input-shape", "three")
+    assert code == EXIT_USER_ERROR
+    assert "--input-shape" in one_error_line(err)
+
+
+def test_wrong_input_shape_for_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "analyze", "resnet18:stem_stride=8", "--input-shape", "1,28,28")
+    assert code == EXIT_USER_ERROR
+    assert "shape" in one_error_line(err)
+
+
+def test_unknown_dataset(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "data", "fetch", "imagenet-full")
+    assert code == EXIT_USER_ERROR
+    assert "imagenet-full" in one_error_line(err)
+
+
+def test_reproduce_unknown_experiment(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "fig99"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_factory_model_needs_input_shape(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run(capsys, "analyze", "mymodels:build")
+    assert code == EXIT_USER_ERROR
+    assert "--input-shape" in one_error_line(err)
+
+
+def test_analyze_factory_model_json(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "mymodels2.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = run(capsys, "analyze", "mymodels2:build", "--input-shape", "3,2,2", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["input_level"]["input_dim"] == 12
+    assert report["input_level"]["output_dim"] == 5
+    assert report["input_level"]["harmless_dim"] == 12 - 5  # random weights: full row rank
+    assert [r["name"] for r in report["layers"]] == ["1", "3"]
+    assert report["layers"][1]["harmless_dim"] == 5 - 2
+
+
+def test_analyze_with_weights_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "mymodels3.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        # Small integers: the dependent row stays exactly dependent in float32 and float64.
+        model[1].weight.copy_(torch.randint(-3, 4, (4, 6), generator=torch.Generator().manual_seed(0)))
+        model[1].weight[3] = model[1].weight[0] + model[1].weight[1]  # rank 3, not 4
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    code, out, _ = run(capsys, "analyze", "mymodels3:build", "--weights", str(tmp_path / "w.pt"),
+                       "--input-shape", "6", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["input_level"]["rank"] == 3
+    assert report["input_level"]["harmless_dim"] == 3
+
+
+def test_analyze_zoo_untrained_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "analyze", "resnet18:stem_stride=8", "--layer", "stem.conv")
+    assert code == 0
+    assert "linear prefix: normalize (Normalize) -> stem.conv (Conv2d) -> stem.bn (BatchNorm2d)" in out
+    assert "| linear prefix |" in out
+    # 64 kernels in R^27 on disjoint 3x3 windows of a 32x32 image at stride 8: rank 16 * 27 = 432... minus
+    # the windows clipped by the padding; the exact value is cross-checked against a dense oracle in the
+    # engine tests, here only that the report agrees with the library.
+    import harmless
+    from harmless.models import build_model
+
+    space = harmless.harmless_subspace(build_model("resnet18:stem_stride=8"), (3, 32, 32))
+    assert f"input-level harmless subspace: dim {space.dim} of 3072" in out
+    assert f"H^(l) at the input of stem.conv: dim {space.dim} of 3072" in out
+
+
+def test_data_list(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "data", "list")
+    assert code == 0
+    for name in ("mnist", "fashion-mnist", "foolbox-cifar10", "cifar10", "svhn"):
+        assert name in out
+
+
+def test_models_list(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0
+    for name in ("mlp5:mnist", "lenet:fashion-mnist", "resnet18:cifar10", "vgg16:cifar10"):
+        assert name in out
+
+
+def test_models_train_cifar_without_data_says_untrained(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                         monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("HARMLESS_CACHE", str(tmp_path))
+    code, out, _ = run(capsys, "models", "train", "resnet18:stem_stride=8", "--quiet")
+    assert code == 0
+    assert "untrained" in out
