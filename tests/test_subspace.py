@@ -632,6 +632,16 @@ def test_least_harmful_on_injective_layers_gives_smallest_singular_values(cfg: L
     np.testing.assert_allclose(np.linalg.norm(oracle.flat(vecs) @ c.a.T, axis=1), g, atol=1e-12 * c.norm)
 
 
+def test_least_harmful_k1_with_nullspace_minimal() -> None:
+    """Linear(4 -> 1): rank 1, dim 3; the least harmful direction is the weight row."""
+    lin = nn.Linear(4, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    vecs, gains = harmless.least_harmful(nn.Sequential(lin).eval(), (4,), k=1)
+    assert float(gains[0]) == pytest.approx(float(np.linalg.norm([1.0, -2.0, 0.5, 3.0])), rel=1e-12)
+    assert abs(float(vecs[0] @ lin.weight[0].double())) == pytest.approx(float(gains[0]), rel=1e-12)
+
+
 def test_least_harmful_injective_linear_minimal() -> None:
     """Lemma 2's case: an injective layer (n <= m). dense_svd_rank leaves row_basis None
     when rank == n, and least_harmful indexes it: TypeError."""

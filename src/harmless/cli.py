@@ -139,6 +139,43 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fingerprint_create(args: argparse.Namespace) -> int:
+    import torch
+
+    from harmless.fingerprint import create_fingerprint, probe_images, save_fingerprint
+    from harmless.models import DATASETS, is_zoo_spec, parse_spec
+
+    model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
+                                 data_dir=args.data_dir)
+    dataset = args.probe_dataset or (DATASETS[parse_spec(args.model).dataset].name
+                                     if is_zoo_spec(args.model) else None)
+    if dataset is None:
+        raise InputError("--probe-dataset is required for models outside the zoo (e.g. --probe-dataset mnist)")
+    probes = probe_images(dataset, args.probes, data_dir=args.data_dir)
+    exclude = [resolve_model(spec, weights=None, input_shape=args.input_shape, data_dir=args.data_dir)[0]
+               for spec in args.exclude]
+    fp = create_fingerprint(model, shape, probes, k=args.k, exclude=exclude,
+                            generator=torch.Generator().manual_seed(args.seed), description=args.model)
+    path = save_fingerprint(fp, args.out, overwrite=args.overwrite)
+    dims = f", N(A) ∩ N(B) dims {fp.intersection_dims}" if fp.intersection_dims else ""
+    print(f"wrote {path}: k = {fp.k}, {fp.num_probes} probes, harmless dim {fp.harmless_dim}{dims}, "
+          f"threshold {fp.threshold:g}")
+    return 0
+
+
+def cmd_fingerprint_verify(args: argparse.Namespace) -> int:
+    from harmless.fingerprint import load_fingerprint, verify_fingerprint
+
+    fp = load_fingerprint(args.fingerprint)
+    suspect, shape = resolve_model(args.suspect, weights=args.weights, input_shape=args.input_shape,
+                                   data_dir=args.data_dir)
+    if tuple(shape) != tuple(fp.input_shape):
+        raise InputError(f"the suspect takes inputs {tuple(shape)}, the fingerprint {fp.input_shape}")
+    verdict = verify_fingerprint(fp, suspect, threshold=args.threshold)
+    print(verdict.message)
+    return 0 if verdict.same else 1
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from harmless.experiments import run_experiment
 
@@ -158,6 +195,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------
+def _add_fingerprint_parser(sub: argparse._SubParsersAction) -> None:
+    fpp = sub.add_parser("fingerprint", help="model fingerprints from harmless perturbations").add_subparsers(
+        dest="fingerprint_command", metavar="ACTION")
+    c = fpp.add_parser("create", help="draw a fingerprint of MODEL and save it (.safetensors)")
+    c.add_argument("model", metavar="MODEL", help="zoo spec (mlp5:mnist), TorchScript file or package.module:factory")
+    c.add_argument("--out", required=True, metavar="FP", help="fingerprint file to write")
+    c.add_argument("--k", type=int, default=8, help="number of perturbations (default 8)")
+    c.add_argument("--probes", type=int, default=4, help="number of probe images (default 4)")
+    c.add_argument("--probe-dataset", help="dataset of the probe images (default: the zoo model's)")
+    c.add_argument("--exclude", nargs="*", default=[], metavar="M",
+                   help="models the fingerprint must not be harmless for (zoo specs or files)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the perturbations (default 0)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing fingerprint file")
+    c.add_argument("--weights", help="state-dict file for MODEL")
+    c.add_argument("--input-shape", help="C,H,W for models outside the zoo")
+    c.add_argument("--data-dir", help="user-supplied dataset folder")
+    c.set_defaults(func=cmd_fingerprint_create)
+    v = fpp.add_parser("verify", help="is SUSPECT the fingerprinted model? exit 0: same, 1: different")
+    v.add_argument("fingerprint", metavar="FP", help="fingerprint file")
+    v.add_argument("suspect", metavar="SUSPECT", help="zoo spec, TorchScript file or package.module:factory")
+    v.add_argument("--threshold", type=float, help="decision threshold (default: the fingerprint's)")
+    v.add_argument("--weights", help="state-dict file for SUSPECT")
+    v.add_argument("--input-shape", help="C,H,W for models outside the zoo")
+    v.add_argument("--data-dir", help="user-supplied dataset folder")
+    v.set_defaults(func=cmd_fingerprint_verify)
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harmless",
@@ -196,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="print JSON instead of a table")
     an.set_defaults(func=cmd_analyze)
 
+    _add_fingerprint_parser(sub)
+
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
-    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "all"],
-                     help="fig2, table1, fig3 or all")
+    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "fig5", "all"],
+                     help="fig2, table1, fig3, fig5 or all")
     rep.add_argument("--quick", action="store_true", help="fewer points and images (minutes instead of more)")
     rep.add_argument("--out", default="results", help="output folder (default: results)")
     rep.add_argument("--data-dir", help="a CIFAR-10 python-pickle folder to train the CIFAR models on")

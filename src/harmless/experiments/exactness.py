@@ -29,6 +29,11 @@ from harmless.experiments.common import (
 from harmless.linalg.subspace import harmless_subspace
 
 
+#: ResNet-50 with the ImageNet-style 7x7 stem at stride 6: overlapping windows (7 > 6) and
+#: n = 3072 > m = 64 * 6 * 6 = 2304, so Corollary 1 applies and a harmless subspace exists.
+CIFAR_SPEC = "resnet50:cifar10,stem_kernel=7,stem_stride=6"
+
+
 @dataclass
 class Subject:
     """A model under test, its data, and the perturbation families that exist for it."""
@@ -51,7 +56,7 @@ def load_subjects(*, quick: bool, data_dir: str | None = None, include_cifar: bo
     from harmless.data import as_tensors, load_dataset
     from harmless.models import DATASETS, get_model, parse_spec
 
-    todo = list(specs) + (["resnet50:cifar10,stem_stride=8"] if include_cifar else [])
+    todo = list(specs) + ([CIFAR_SPEC] if include_cifar else [])
     subjects = []
     for spec in todo:
         ms = parse_spec(spec)
@@ -99,6 +104,10 @@ def float32_harmless_rmse(subject: Subject, *, seed: int = 0) -> list[float] | N
     return [output_rmse(model32, x32, fn(subject.x, EPSILON * k, gen).float(), clean) for k in MULTIPLIERS]
 
 
+def _rms(t: torch.Tensor) -> float:
+    return float(t.pow(2).mean().sqrt())
+
+
 def _float32_copy(model: nn.Module) -> nn.Module:
     import copy
 
@@ -118,7 +127,8 @@ def run_table1(out_dir: Path, *, quick: bool = False, data_dir: str | None = Non
         if s.dim == 0:
             rows.append([s.label, "Harmless perturbation", *(["none: injective prefix"] + [""] * 5)])
     cmd = "harmless reproduce table1" + (" --quick" if quick else "")
-    desc = "\n".join(f"- {s.label}: {s.x.shape[0]} test images, harmless dim {s.dim} of {s.n}"
+    desc = "\n".join(f"- {s.label}: {s.x.shape[0]} test images, harmless dim {s.dim} of {s.n}, "
+                     f"clean logits RMS {_rms(batched_outputs(s.model, s.x)):.3g}"
                      + (f", test accuracy {100 * s.test_accuracy:.2f}%" if s.test_accuracy is not None else "")
                      for s in subjects)
     text = ("# Table 1: output RMSE of perturbed vs original inputs\n\n"

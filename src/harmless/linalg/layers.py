@@ -67,8 +67,9 @@ def operator_for_module(module: nn.Module, in_shape: Sequence[int], *, out_shape
         if len(in_shape) == 1:
             return MatrixOperator(module.weight, dtype=dtype)
         # Linear on (..., features): the same matrix on every leading position.
-        weight = module.weight.detach().to(dtype)
-        return FunctionOperator(lambda x: F.linear(x, weight), in_shape, dtype=dtype, device=device, name=label)
+        weight = module.weight.detach().clone()
+        return FunctionOperator(lambda x: F.linear(x, weight.to(x.dtype)), in_shape, dtype=dtype, device=device,
+                                name=label)
     if isinstance(module, _CONV):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):  # pragma: no cover - not in _CONV
             raise UnsupportedLayerError(f"{label}: transposed convolutions are not supported")
@@ -90,7 +91,8 @@ def operator_for_module(module: nn.Module, in_shape: Sequence[int], *, out_shape
         if out_shape is None:
             with torch.no_grad():
                 probe = torch.zeros(1, *in_shape, dtype=dtype, device=device)
-                out_shape = tuple(module.eval()(probe).shape[1:]) if isinstance(module, (nn.Flatten, nn.Unflatten)) \
+                # Flatten/Unflatten have no training-mode behaviour: calling them mutates nothing.
+                out_shape = tuple(module(probe).shape[1:]) if isinstance(module, (nn.Flatten, nn.Unflatten)) \
                     else in_shape
         return ReshapeOperator(in_shape, out_shape, dtype=dtype, device=device)
     if isinstance(module, _AVGPOOL):

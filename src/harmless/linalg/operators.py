@@ -137,6 +137,22 @@ class TorchLinearOperator:
         g = torch.cat(cols)
         return (g + g.T) / 2
 
+    def to_cogram(self, *, batch: int = 256) -> torch.Tensor:
+        """The ``(m, m)`` matrix ``A A^T``, built from ``m`` operator applications."""
+        cols = []
+        for start in range(0, self.m, batch):
+            stop = min(start + batch, self.m)
+            eye = torch.zeros(stop - start, self.m, dtype=self.dtype, device=self.device)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            y = eye.view(-1, *self.out_shape)
+            cols.append(self._matvec(self._rmatvec(y)).reshape(stop - start, self.m))
+        g = torch.cat(cols)
+        return (g + g.T) / 2
+
+    def astype(self, dtype: torch.dtype) -> TorchLinearOperator:
+        """The same map with its coefficients in ``dtype`` (exact when widening)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change dtype")
+
     def norm_estimate(self, *, iters: int = 50, generator: torch.Generator | None = None) -> float:
         """A lower bound on the spectral norm ``||A||_2`` by power iteration on ``A^T A``."""
         gen = generator or torch.Generator(device="cpu").manual_seed(0)
@@ -198,6 +214,9 @@ class MatrixOperator(TorchLinearOperator):
     def to_dense(self, *, limit: int = DEFAULT_DENSE_LIMIT, batch: int = 256) -> torch.Tensor:
         return self.matrix.clone()
 
+    def astype(self, dtype: torch.dtype) -> MatrixOperator:
+        return MatrixOperator(self.matrix, in_shape=self.in_shape, out_shape=self.out_shape, dtype=dtype)
+
 
 class ChannelScaleOperator(TorchLinearOperator):
     """Multiplies channel ``c`` (dimension 1) by ``scale[c]``: eval-mode BatchNorm, Normalize."""
@@ -215,6 +234,9 @@ class ChannelScaleOperator(TorchLinearOperator):
 
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.scale.view(self._view)
+
+    def astype(self, dtype: torch.dtype) -> ChannelScaleOperator:
+        return ChannelScaleOperator(self.scale, self.in_shape, dtype=dtype)
 
 
 class ReshapeOperator(TorchLinearOperator):
@@ -234,6 +256,9 @@ class ReshapeOperator(TorchLinearOperator):
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(y.shape[0], *self.in_shape)
 
+    def astype(self, dtype: torch.dtype) -> ReshapeOperator:
+        return ReshapeOperator(self.in_shape, self.out_shape, dtype=dtype, device=self.device)
+
 
 class ConvOperator(TorchLinearOperator):
     """``nn.Conv1d/2d/3d`` without bias, any stride, padding (and ``padding_mode``),
@@ -250,6 +275,7 @@ class ConvOperator(TorchLinearOperator):
     def __init__(self, weight: torch.Tensor, in_shape: Sequence[int], *, stride: Sequence[int],
                  padding: Sequence[int] | str, dilation: Sequence[int], groups: int = 1,
                  padding_mode: str = "zeros", dtype: torch.dtype = torch.float64) -> None:
+        self._init = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
         d = weight.ndim - 2
         if d not in self._conv:
             raise InputError(f"unsupported convolution weight of shape {tuple(weight.shape)}")
@@ -310,6 +336,9 @@ class ConvOperator(TorchLinearOperator):
         _, pad_vjp = torch.func.vjp(self._pad, torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype, device=y.device))
         return pad_vjp(g)[0]
 
+    def astype(self, dtype: torch.dtype) -> ConvOperator:
+        return ConvOperator(self.weight, self.in_shape, dtype=dtype, **self._init)
+
     def kernel_matrix(self) -> torch.Tensor:
         """The vectorised kernels as a ``(C_out, C_in * prod(k))`` matrix (groups expanded
         into a block-diagonal layout), whose rank Corollary 1 asks about."""
@@ -349,6 +378,11 @@ class FunctionOperator(TorchLinearOperator):
         _, vjp = torch.func.vjp(self.fn, x0)
         return vjp(y)[0]
 
+    def astype(self, dtype: torch.dtype) -> FunctionOperator:
+        # fn must follow its input's dtype (pooling does; layers.py casts captured weights).
+        return FunctionOperator(self.fn, self.in_shape, dtype=dtype, device=self.device, out_shape=self.out_shape,
+                                name=self.name)
+
 
 class ComposedOperator(TorchLinearOperator):
     """``factors[-1] @ ... @ factors[0]``: the factors are applied in list order."""
@@ -380,3 +414,6 @@ class ComposedOperator(TorchLinearOperator):
         for f in reversed(self.factors):
             y = f._rmatvec(y)
         return y
+
+    def astype(self, dtype: torch.dtype) -> ComposedOperator:
+        return ComposedOperator([f.astype(dtype) for f in self.factors])

@@ -93,17 +93,37 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+#: ShapeProp runs on a batch of this size, so that a reshape mixing samples (``x.view(-1, k)``)
+#: shows up as a changed leading dimension.
+_PROBE_BATCH = 2
+
+
+class _Root(nn.Module):
+    """Wraps a bare layer handed over as the model, so that tracing sees it as one call."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 def _trace(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModule:
+    root = _Root(model) if isinstance(model, LINEAR_MODULES) else model
     try:
-        graph = _LeafTracer().trace(model)
-        gm = torch.fx.GraphModule(model, graph)
+        graph = _LeafTracer().trace(root)
+        gm = torch.fx.GraphModule(root, graph)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise UnsupportedLayerError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
             "wrap the model's first layers in an nn.Module without data-dependent control flow, "
             "or pass a TorchLinearOperator directly") from exc
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedLayerError(f"the model takes {len(placeholders)} inputs; harmless needs exactly one")
     device, dtype = _model_device_dtype(model)
-    example = torch.zeros(1, *input_shape, dtype=dtype, device=device)
+    example = torch.zeros(_PROBE_BATCH, *input_shape, dtype=dtype, device=device)
     try:  # run the model itself first: its own error message is the one worth showing
         with torch.no_grad():
             model(example)
@@ -117,8 +137,9 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModule
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """A node's per-sample shape, or None if it is not a tensor with the batch in front."""
     meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) == 0 or meta.shape[0] != _PROBE_BATCH:
         return None
     return tuple(int(s) for s in meta.shape[1:])
 
@@ -143,7 +164,7 @@ def _linear_step(node: torch.fx.Node, source: torch.fx.Node, gm: torch.fx.GraphM
     """The operator for ``node`` applied to ``source``, or ``None`` and why it is not linear."""
     in_shape, out_shape = _shape(source), _shape(node)
     if in_shape is None or out_shape is None:
-        return None, "its output is not a tensor"
+        return None, "its output is not a per-sample tensor (not a tensor, or a reshape that mixes the batch)"
     tensor_args = [a for a in node.all_input_nodes if a is not source and _shape(a) is not None]
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -177,8 +198,6 @@ def linear_run(model: nn.Module, input_shape: Sequence[int], *, layer: str | Non
         device, _ = _model_device_dtype(model)
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedLayerError(f"the model takes {len(placeholders)} inputs; harmless needs exactly one")
         if layer is None:
             source = placeholders[0]
             first = None

@@ -10,26 +10,23 @@ routes):
     LAPACK; the rank counts singular values above ``sigma_max * max(m, n) * eps`` (NumPy's
     ``matrix_rank`` rule). Also yields orthonormal bases of the row space and the nullspace.
 ``gram-cholesky``
-    For a tall operator (``m >= n``) asked only for its rank: a Cholesky factorisation of
-    ``A^T A - tol I`` exists exactly when every eigenvalue exceeds ``tol`` (the threshold
-    below), which certifies full column rank (``dim = 0``) far more cheaply than an SVD.
+    With ``G`` the smaller Gram matrix (``A^T A`` if ``m >= n``, else ``A A^T``): a Cholesky
+    factorisation of ``G - tol I`` exists exactly when every eigenvalue exceeds ``tol`` (the
+    threshold below), which certifies full rank far more cheaply than an SVD.
 ``gram-eigh``
-    For tall operators (``m > n``) whose matrix is too big but whose ``n x n`` Gram matrix
-    ``A^T A`` is not: eigenvalues of the Gram matrix, thresholded at
-    ``lambda_max * n * eps * 100`` (squaring the matrix halves the usable precision, so the
-    threshold is wider; the gap between kept and dropped values is reported).
+    Eigenvalues of the smaller Gram matrix, thresholded at ``lambda_max * size * eps * 100``
+    (squaring the matrix halves the usable precision, so the threshold is wider; the gap
+    between kept and dropped values is reported).
 ``structure``
     Composition with bijections (BatchNorm, Normalize, reshapes) keeps the dimension, so
     only the one non-bijective factor is analysed. A convolution whose windows do not
     overlap (effective kernel <= stride, zero padding) is block diagonal: one small block
     per output position, so the rank is a sum of ranks of sub-matrices of the kernel matrix,
     and input pixels no window reads are harmless outright.
-``corollary1``
-    The paper's Corollary 1 for a wide convolution (``n > m``): kernel >= stride, every input
-    pixel read by some window, linearly independent kernels. These conditions do not by
-    themselves guarantee full row rank (kernels that are shifts of one another break it), so
-    full row rank is then certified numerically: Lanczos on ``A A^T`` must find its smallest
-    eigenvalue clearly above zero. Only then is ``dim = n - m`` returned.
+Corollary 1 of the paper (``dim = n - m`` for a wide convolution with kernel >= stride and
+linearly independent kernels) is checked by :func:`corollary1_conditions` but never taken
+as the answer: its conditions are not sufficient (kernels that are shifts of one another
+keep the rows dependent). It is reported beside the exact figure.
 """
 
 from __future__ import annotations
@@ -114,46 +111,68 @@ def dense_svd_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT,
     return result
 
 
-def _gram_tol(lam_max: float, n: int) -> float:
-    return lam_max * n * np.finfo(np.float64).eps * 100
+def right_singular_vectors(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values (descending) and the matching right singular vectors (rows) of the
+    matrix, ``min(m, n)`` of each; a tall matrix is reduced to its ``R`` factor first."""
+    if op.dtype != torch.float64:
+        op = op.astype(torch.float64)
+    a = op.to_dense(limit=limit).to("cpu", torch.float64).numpy()
+    if a.shape[0] > a.shape[1]:
+        a = scipy.linalg.qr(a, mode="r", overwrite_a=True, check_finite=False)[0][: a.shape[1]]
+    _, sv, vt = scipy.linalg.svd(a, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+    return sv, vt
 
 
-def _full_column_rank_certificate(op: TorchLinearOperator, gram: np.ndarray | None = None) -> RankResult | None:
-    """``rank = n`` if a Cholesky factorisation of ``A^T A - tol I`` exists (every eigenvalue
-    above the threshold the eigenvalue count would use), else ``None``: a fraction of the
-    cost of an SVD or an eigendecomposition."""
-    g = op.to_gram().to("cpu", torch.float64).numpy() if gram is None else gram
+def _gram_tol(lam_max: float, size: int) -> float:
+    return lam_max * size * np.finfo(np.float64).eps * 100
+
+
+def _small_gram(op: TorchLinearOperator) -> np.ndarray:
+    """``A^T A`` (n x n) for a tall operator, ``A A^T`` (m x m) for a wide one: both have the
+    rank of ``A`` and the smaller one is the cheaper to factorise."""
+    g = op.to_gram() if op.m >= op.n else op.to_cogram()
+    return g.to("cpu", torch.float64).numpy()
+
+
+def _full_rank_certificate(op: TorchLinearOperator, gram: np.ndarray | None = None) -> RankResult | None:
+    """``rank = min(m, n)`` if a Cholesky factorisation of ``G - tol I`` exists for the smaller
+    Gram matrix ``G`` (so every eigenvalue lies above the threshold that the eigenvalue count
+    would use), else ``None``; a fraction of the cost of an SVD or eigendecomposition."""
+    g = _small_gram(op) if gram is None else gram
+    size = g.shape[0]
     lam_max_bound = float(np.abs(g).sum(axis=0).max())  # ||G||_1 >= lambda_max
+    if lam_max_bound == 0.0:
+        return None
     try:
-        scipy.linalg.cholesky(g - _gram_tol(lam_max_bound, op.n) * np.eye(op.n), lower=True, check_finite=False)
+        scipy.linalg.cholesky(g - _gram_tol(lam_max_bound, size) * np.eye(size), lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
-    return RankResult(n=op.n, m=op.m, rank=op.n, method="gram-cholesky",
-                      notes=["full column rank certified by a Cholesky factorisation of A^T A - tol I"])
+    side = "A^T A" if op.m >= op.n else "A A^T"
+    return RankResult(n=op.n, m=op.m, rank=size, method="gram-cholesky",
+                      notes=[f"full rank certified by a Cholesky factorisation of {side} - tol I"])
 
 
 def gram_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_GRAM_LIMIT, bases: bool = True) -> RankResult:
-    """Rank from the eigenvalues of ``A^T A`` (see the module docstring for the threshold).
-
-    Without ``bases``, full column rank is first certified by a Cholesky factorisation of
-    ``A^T A - tol I``: it succeeds exactly when every eigenvalue exceeds ``tol``, the same
-    threshold the eigenvalue count uses, at a fraction of an eigendecomposition's cost.
-    """
-    if op.n > limit:
-        raise TooLargeError(f"the Gram matrix would be {op.n} x {op.n}, above the limit {limit}")
-    g = op.to_gram().to("cpu", torch.float64).numpy()
+    """Rank from the eigenvalues of the smaller Gram matrix (see the module docstring for
+    the threshold). Bases (from ``A^T A``'s eigenvectors) only for tall operators."""
+    if min(op.m, op.n) > limit:
+        raise TooLargeError(f"the Gram matrix would be {min(op.m, op.n)} x {min(op.m, op.n)}, above the limit {limit}")
+    g = _small_gram(op)
+    want_vectors = bases and op.m >= op.n
     if not bases:
-        certified = _full_column_rank_certificate(op, gram=g)
+        certified = _full_rank_certificate(op, gram=g)
         if certified is not None:
             return certified
-        lam = scipy.linalg.eigh(g, eigvals_only=True, check_finite=False)[::-1]
-        vec = None
-    else:
+    if want_vectors:
         lam, vec = scipy.linalg.eigh(g, check_finite=False)
         lam, vec = lam[::-1], vec[:, ::-1]
-    tol = _gram_tol(max(float(lam[0]), 0.0), op.n)
+    else:
+        lam, vec = scipy.linalg.eigh(g, eigvals_only=True, check_finite=False)[::-1], None
+    tol = _gram_tol(max(float(lam[0]), 0.0), g.shape[0])
     rank = int(np.sum(lam > tol))
-    sv = np.sqrt(np.clip(lam, 0.0, None))
+    sv = np.zeros(op.n)
+    sv[: lam.size] = np.sqrt(np.clip(lam, 0.0, None))[: op.n]
     result = RankResult(n=op.n, m=op.m, rank=rank, method="gram-eigh", singular_values=sv, gap=_gap(sv, rank))
     if vec is not None:
         result.row_basis = vec[:, :rank].T.copy()
@@ -232,83 +251,69 @@ def _pixels_covered(op: ConvOperator) -> bool:
     return True
 
 
-def corollary1_rank(op: ConvOperator, *, certify_tol: float = 1e-8, maxiter: int = 5000) -> RankResult:
-    """``rank = m`` for a wide convolution meeting Corollary 1, certified by Lanczos."""
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+def corollary1_conditions(op: ConvOperator) -> list[str]:
+    """The conditions of the paper's Corollary 1 that ``op`` fails (empty: all hold).
 
-    reasons = []
+    When they hold, Corollary 1 predicts ``dim = n - m``. They are not sufficient (kernels
+    that are shifts of one another keep the rows dependent), so the engine never takes the
+    prediction as the answer: it is reported beside an exact rank, or as the reason a layer
+    too large for an exact rank probably has ``dim = n - m``.
+    """
+    failed = []
     if op.n <= op.m:
-        reasons.append(f"n = {op.n} <= m = {op.m}")
+        failed.append(f"n = {op.n} <= m = {op.m}")
+    if op.padding_mode != "zeros":
+        failed.append(f"padding_mode {op.padding_mode!r} (the corollary assumes zero padding)")
     if any(op.dilation[i] * (op.kernel_size[i] - 1) + 1 < op.stride[i] for i in range(op.d)):
-        reasons.append("kernel smaller than stride")
+        failed.append("kernel smaller than stride")
     if not _pixels_covered(op):
-        reasons.append("some input pixels are read by no window")
+        failed.append("some input pixels are read by no window")
     kmat = op.kernel_matrix().to("cpu", torch.float64).numpy()
     if np.linalg.matrix_rank(kmat) < kmat.shape[0]:
-        reasons.append("the vectorised kernels are linearly dependent")
-    if reasons:
-        raise TooLargeError("Corollary 1 does not apply (" + "; ".join(reasons) + ") and the layer is too large "
-                            "for a dense rank; raise dense_limit or analyse a smaller input")
-    sigma_max = op.norm_estimate()
-    a = op.to_scipy()
-    aat = LinearOperator((op.m, op.m), matvec=lambda y: a.matvec(a.rmatvec(y)), dtype=np.float64)
-    try:
-        lam_min = float(eigsh(aat, k=1, which="SA", tol=1e-6, maxiter=maxiter, return_eigenvectors=False)[0])
-    except ArpackNoConvergence as exc:
-        raise TooLargeError("Corollary 1's conditions hold but Lanczos could not certify full row rank "
-                            "(no convergence); analyse a smaller input for an exact dimension") from exc
-    ratio = math.sqrt(max(lam_min, 0.0)) / sigma_max if sigma_max > 0 else 0.0
-    if ratio <= certify_tol:
-        raise TooLargeError(f"Corollary 1's conditions hold, yet sigma_min/sigma_max = {ratio:.1e}: the rows are "
-                            "(nearly) dependent, so dim > n - m; analyse a smaller input for an exact dimension")
-    return RankResult(n=op.n, m=op.m, rank=op.m, method="corollary1", gap=math.inf,
-                      notes=[f"full row rank certified by Lanczos: sigma_min/sigma_max = {ratio:.2e}"])
+        failed.append("the vectorised kernels are linearly dependent")
+    return failed
 
 
 def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: int = DEFAULT_DENSE_LIMIT,
                  gram_limit: int = DEFAULT_GRAM_LIMIT, bases: bool = True) -> RankResult:
-    """The rank of ``op`` by ``method`` (``auto``, ``dense``, ``gram`` or ``structure``)."""
+    """The rank of ``op`` by ``method`` (``auto``, ``dense``, ``gram`` or ``structure``).
+
+    Ranks are always computed in float64 on a float64 copy of the operator: a float32
+    layer's weights are exact float64 numbers, and its rank is the rank of that matrix
+    (float32 round-off would otherwise turn zero singular values into 1e-8).
+    """
     if method not in ("auto", "dense", "gram", "structure"):
         raise ValueError(f"unknown method {method!r}; choose auto, dense, gram or structure")
+    if op.dtype != torch.float64:
+        op = op.astype(torch.float64)
     if method == "dense":
         return dense_svd_rank(op, limit=dense_limit, bases=bases)
     if method == "gram":
         return gram_rank(op, limit=gram_limit, bases=bases)
-    if method == "auto":
-        if isinstance(op, MatrixOperator):
-            return dense_svd_rank(op, limit=max(dense_limit, op.m * op.n), bases=bases)
-        core = _non_bijective_core(op)
-        if not bases and isinstance(core, ConvOperator) and conv_windows_disjoint(core):
-            r = patchwise_conv_rank(core)  # exact and nearly free: no need for a dense SVD
-            return RankResult(n=op.n, m=op.m, rank=r.rank, method=r.method, notes=r.notes)
-        if not bases and op.m >= op.n and op.n <= gram_limit:
-            certified = _full_column_rank_certificate(op)
-            if certified is not None:
-                return certified
-        if op.m * op.n <= dense_limit:
-            return dense_svd_rank(op, limit=dense_limit, bases=bases)
-    # Structure: reduce to the one non-bijective factor, then use what is known of it.
+    if method == "auto" and isinstance(op, MatrixOperator):
+        return dense_svd_rank(op, limit=max(dense_limit, op.m * op.n), bases=bases)
+    if method == "auto" and bases and op.m * op.n <= dense_limit:
+        return dense_svd_rank(op, limit=dense_limit, bases=True)
     if op.bijective:
         return RankResult(n=op.n, m=op.m, rank=op.n, method="structure", notes=["a bijection"])
     core = _non_bijective_core(op)
-    target = core if core is not None else op
-    note = [] if target is op else [f"rank of the one non-bijective factor, {type(target).__name__}"]
-    if target is not op and target.m * target.n <= dense_limit and method == "auto":
-        r = dense_svd_rank(target, limit=dense_limit, bases=False)
-        return RankResult(n=op.n, m=op.m, rank=r.rank, method="structure", singular_values=None, gap=r.gap,
-                          notes=note + ["dense SVD of that factor"])
-    if isinstance(target, ConvOperator):
-        if conv_windows_disjoint(target):
-            r = patchwise_conv_rank(target)
-        elif target.n > target.m:
-            r = corollary1_rank(target)
-        elif target.n <= gram_limit:
-            r = gram_rank(target, limit=gram_limit, bases=False)
-        else:
-            raise TooLargeError(f"{type(target).__name__} with n = {target.n} <= m = {target.m} and overlapping "
-                                "windows is too large for an exact rank here")
-        return RankResult(n=op.n, m=op.m, rank=r.rank, method=r.method, gap=r.gap, notes=note + r.notes)
-    if method == "auto" and op.m > op.n and op.n <= gram_limit:
-        return gram_rank(op, limit=gram_limit, bases=bases)
-    raise TooLargeError(f"no exact rank method fits this {op.m} x {op.n} operator ({op!r}); its matrix exceeds "
-                        f"the dense limit {dense_limit:,}")
+    if isinstance(core, ConvOperator) and conv_windows_disjoint(core):
+        r = patchwise_conv_rank(core)  # exact and nearly free
+        note = [] if core is op else ["rank of the one non-bijective factor, a convolution"]
+        return RankResult(n=op.n, m=op.m, rank=r.rank, method=r.method, notes=note + r.notes)
+    small_side = min(op.m, op.n)
+    if small_side <= gram_limit:
+        certified = _full_rank_certificate(op)
+        if certified is not None:
+            return certified
+    if method == "auto" and op.m * op.n <= dense_limit:
+        return dense_svd_rank(op, limit=dense_limit, bases=bases)
+    if small_side <= gram_limit:
+        return gram_rank(op, limit=gram_limit, bases=False)
+    prediction = ""
+    if isinstance(core, ConvOperator):
+        failed = corollary1_conditions(core)
+        prediction = (f"; Corollary 1's conditions hold, so dim = n - m = {op.n - op.m} is likely but not certified"
+                      if not failed else f"; Corollary 1 does not apply ({'; '.join(failed)})")
+    raise TooLargeError(f"no exact rank method fits this {op.m} x {op.n} operator: its matrix exceeds the dense "
+                        f"limit {dense_limit:,} and its Gram matrices the limit {gram_limit:,}{prediction}")

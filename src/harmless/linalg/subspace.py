@@ -13,32 +13,41 @@ from collections.abc import Sequence
 from functools import cached_property
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 
 from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
 from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, TorchLinearOperator
 from harmless.linalg.prefix import LinearRun, linear_run
-from harmless.linalg.rank import RankResult, analyze_rank
+from harmless.linalg.rank import DEFAULT_GRAM_LIMIT, RankResult, analyze_rank, right_singular_vectors
 from harmless.linalg.solvers import SolveInfo, row_space_component
 
 _DEFAULT_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _validate_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"input_shape must be a sequence of positive ints, got {input_shape!r}") from exc
-    if not shape or any(s <= 0 for s in shape):
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (Sequence, torch.Size)):
+        raise InputError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
+    if not input_shape or not all(_is_int(s) and s > 0 for s in input_shape):
         raise InputError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
-    return shape
+    return tuple(int(s) for s in input_shape)
 
 
 def _validate_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     return dtype
+
+
+def _validate_rtol(rtol: object, name: str = "rtol") -> float:
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.floating)) or not (0 < float(rtol) < 1):
+        raise InputError(f"{name} must be a number in (0, 1), got {rtol!r}")
+    return float(rtol)
 
 
 class HarmlessSubspace:
@@ -164,7 +173,7 @@ class HarmlessSubspace:
     def contains(self, delta: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
         """Per sample: is ``||A delta|| <= rtol * ||A|| * ||delta||``? (zero counts as harmless)."""
         d = self._batch(delta)
-        tol = self.rtol * 100 if rtol is None else float(rtol)
+        tol = self.rtol * 100 if rtol is None else _validate_rtol(rtol)
         out = self.operator.matvec(d).reshape(d.shape[0], -1).norm(dim=1)
         return (out <= tol * self.operator_norm * d.reshape(d.shape[0], -1).norm(dim=1)).to(delta.device)
 
@@ -177,16 +186,26 @@ class HarmlessSubspace:
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` random harmless perturbations of unit L2 norm, uniform on the subspace's sphere."""
-        if not isinstance(n, int) or n < 1:
+        if not _is_int(n) or n < 1:
             raise InputError(f"n must be a positive int, got {n!r}")
         if self.dim == 0:
             raise NoHarmlessSubspaceError(self._injective_message())
         gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
-        g = torch.randn(n, *self.input_shape, generator=gen, dtype=torch.float64).to(self.dtype)
-        g = g.to(self.operator.device)
-        p = g - self._harmful(g)
-        norms = p.reshape(n, -1).norm(dim=1).view(-1, *([1] * len(self.input_shape)))
-        return p / norms
+        out = torch.empty(n, *self.input_shape, dtype=self.dtype, device=self.operator.device)
+        todo = torch.arange(n)
+        for _ in range(100):
+            g = torch.randn(len(todo), *self.input_shape, generator=gen, dtype=torch.float64)
+            g = g.to(dtype=self.dtype, device=self.operator.device)
+            p = g - self._harmful(g)
+            p_norm = p.reshape(len(todo), -1).norm(dim=1)
+            # A draw (almost) inside the row space leaves a harmless part dominated by round-off:
+            # draw again rather than normalise noise.
+            ok = p_norm > 1e-3 * g.reshape(len(todo), -1).norm(dim=1) * math.sqrt(self.dim / self.ambient_dim)
+            out[todo[ok.cpu()]] = p[ok] / p_norm[ok].view(-1, *([1] * len(self.input_shape)))
+            todo = todo[~ok.cpu()]
+            if len(todo) == 0:
+                return out
+        raise NoHarmlessSubspaceError("could not draw harmless perturbations: every draw lay in the row space")
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""
@@ -194,10 +213,10 @@ class HarmlessSubspace:
         if info is None and self.rank_info.method == "gram-eigh":
             info = analyze_rank(self.operator, method="gram", bases=True)
         if info is None or info.null_basis is None:
-            raise TooLargeError(
-                f"basis() needs a dense factorisation, but this {self.output_dim} x {self.ambient_dim} operator "
-                f"exceeds the dense limit ({self._dense_limit:,} entries); use project() and sample(), which "
-                "are matrix-free, or pass dense_limit=...")
+            why = (f"method={self._method!r} avoids dense factorisations" if self._method not in ("auto", "dense")
+                   else f"its {self.output_dim} x {self.ambient_dim} matrix exceeds dense_limit={self._dense_limit:,}")
+            raise TooLargeError(f"basis() needs a dense factorisation, but {why}; use project() and sample(), which "
+                                "are matrix-free, or pass method='auto' with a larger dense_limit")
         basis = torch.as_tensor(np.ascontiguousarray(info.null_basis), dtype=self.dtype,
                                 device=self.operator.device)
         if info.method == "gram-eigh" and basis.shape[0]:
@@ -210,6 +229,15 @@ class HarmlessSubspace:
         return (f"the linear prefix ({self.output_dim} outputs from {self.ambient_dim} inputs, rank {self.rank}) is "
                 "injective: no non-zero perturbation is harmless. Use harmless.least_harmful(...) for the "
                 "least harmful directions (Lemma 2).")
+
+
+def _resolve_dtype(model: object, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return model.dtype if isinstance(model, TorchLinearOperator) else torch.float64
+    dtype = _validate_dtype(dtype)
+    if isinstance(model, TorchLinearOperator) and dtype != model.dtype:
+        raise InputError(f"dtype={dtype} differs from the operator's {model.dtype}; use operator.astype(dtype)")
+    return dtype
 
 
 def _as_operator_and_run(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], layer: str | None,
@@ -227,7 +255,7 @@ def _as_operator_and_run(model: nn.Module | TorchLinearOperator, input_shape: Se
 
 
 def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], *,
-                      layer: str | None = None, dtype: torch.dtype = torch.float64, method: str = "auto",
+                      layer: str | None = None, dtype: torch.dtype | None = None, method: str = "auto",
                       dense_limit: int = DEFAULT_DENSE_LIMIT, rtol: float | None = None) -> HarmlessSubspace:
     """The harmless subspace of ``model`` for inputs of shape ``input_shape`` (no batch axis).
 
@@ -242,22 +270,23 @@ def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Seque
     never need the dense matrix.
 
     ``rtol`` is the relative harmful residual the matrix-free projection must reach
-    (default 1e-13 in float64, 1e-6 in float32).
+    (default 1e-13 in float64, 1e-6 in float32). ``dtype`` defaults to float64 for models and
+    to the operator's own dtype for operators.
     """
     shape = _validate_shape(input_shape)
-    dtype = _validate_dtype(dtype)
+    dtype = _resolve_dtype(model, dtype)
     if method not in ("auto", "dense", "gram", "structure"):
         raise InputError(f"method must be auto, dense, gram or structure, got {method!r}")
     if not isinstance(dense_limit, int) or dense_limit < 1:
         raise InputError(f"dense_limit must be a positive int, got {dense_limit!r}")
-    if rtol is not None and not (0 < rtol < 1):
-        raise InputError(f"rtol must lie in (0, 1), got {rtol!r}")
+    if rtol is not None:
+        rtol = _validate_rtol(rtol)
     op, run = _as_operator_and_run(model, shape, layer, dtype)
     return HarmlessSubspace(op, run=run, rtol=rtol, dense_limit=dense_limit, method=method)
 
 
 def least_harmful(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], k: int = 1, *,
-                  layer: str | None = None, dtype: torch.dtype = torch.float64,
+                  layer: str | None = None, dtype: torch.dtype | None = None,
                   dense_limit: int = DEFAULT_DENSE_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` least harmful unit directions and their gains ``||A v||`` (Lemma 2).
 
@@ -267,16 +296,16 @@ def least_harmful(model: nn.Module | TorchLinearOperator, input_shape: Sequence[
     Returns ``(vecs of shape (k, *input_shape), gains of shape (k,))``, gains ascending.
     """
     shape = _validate_shape(input_shape)
-    dtype = _validate_dtype(dtype)
-    if not isinstance(k, int) or k < 1:
+    dtype = _resolve_dtype(model, dtype)
+    if not _is_int(k) or k < 1:
         raise InputError(f"k must be a positive int, got {k!r}")
     op, _ = _as_operator_and_run(model, shape, layer, dtype)
     if op.m * op.n <= dense_limit:
-        info = analyze_rank(op, method="dense", dense_limit=dense_limit)
-        if k > info.rank:
-            raise InputError(f"k = {k} exceeds the rank {info.rank} of the linear prefix")
-        vt = info.row_basis[info.rank - k: info.rank][::-1]
-        vecs = torch.as_tensor(np.ascontiguousarray(vt), dtype=dtype, device=op.device)
+        sv, vt = right_singular_vectors(op, limit=dense_limit)
+        rank = int(np.sum(sv > sv[0] * max(op.m, op.n) * np.finfo(np.float64).eps)) if sv.size else 0
+        if k > rank:
+            raise InputError(f"k = {k} exceeds the rank {rank} of the linear prefix")
+        vecs = torch.as_tensor(vt[rank - k: rank][::-1].copy(), dtype=dtype, device=op.device)
     else:
         vecs = _least_harmful_iterative(op, k)
     vecs = vecs.reshape(k, *shape)
@@ -286,20 +315,29 @@ def least_harmful(model: nn.Module | TorchLinearOperator, input_shape: Sequence[
 
 
 def _least_harmful_iterative(op: TorchLinearOperator, k: int) -> torch.Tensor:
-    """Smallest non-zero singular directions by Lanczos on the smaller Gram matrix."""
+    """Smallest non-zero singular directions from the smaller Gram matrix (dense when it
+    fits, Lanczos otherwise), zero eigenvalues (the nullspace) filtered out."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    a = op.to_scipy()
-    if op.m < op.n:
-        # Non-zero spectrum of A^T A equals that of A A^T (m x m); v = A^T u / sigma.
-        aat = LinearOperator((op.m, op.m), matvec=lambda y: a.matvec(a.rmatvec(y)), dtype=np.float64)
-        lam, u = eigsh(aat, k=k, which="SA", tol=1e-10, maxiter=20_000)
-        v = a.rmatmat(u) / np.sqrt(np.clip(lam, np.finfo(float).tiny, None))
+    op64 = op.astype(torch.float64) if op.dtype != torch.float64 else op
+    wide = op.m < op.n
+    size = op.m if wide else op.n
+    if size <= DEFAULT_GRAM_LIMIT:
+        g = (op64.to_cogram() if wide else op64.to_gram()).to("cpu").numpy()
+        lam, vec = scipy.linalg.eigh(g, check_finite=False)
     else:
-        ata = LinearOperator((op.n, op.n), matvec=lambda x: a.rmatvec(a.matvec(x)), dtype=np.float64)
-        lam, v = eigsh(ata, k=k, which="SA", tol=1e-10, maxiter=20_000)
-        if np.any(lam <= lam.max() * op.n * np.finfo(float).eps * 100):
-            raise TooLargeError("the operator has a nullspace and is too large for a dense SVD; the least harmful "
-                                "directions outside it need dense_limit raised")
-    v = v / np.linalg.norm(v, axis=0, keepdims=True)
-    return torch.as_tensor(np.ascontiguousarray(v.T), dtype=op.dtype, device=op.device)
+        a = op64.to_scipy()
+        mv = (lambda y: a.matvec(a.rmatvec(y))) if wide else (lambda x: a.rmatvec(a.matvec(x)))
+        want = min(k + 16, size - 1)
+        lam, vec = eigsh(LinearOperator((size, size), matvec=mv, dtype=np.float64), k=want, which="SA", tol=1e-10)
+        order = np.argsort(lam)
+        lam, vec = lam[order], vec[:, order]
+    keep = lam > max(float(np.max(lam)), 0.0) * size * np.finfo(np.float64).eps * 100
+    lam, vec = lam[keep], vec[:, keep]
+    if lam.size < k:
+        raise InputError(f"k = {k} exceeds the number of non-zero singular values found ({lam.size})")
+    lam, vec = lam[:k], vec[:, :k]
+    if wide:  # right singular vectors from left ones: v = A^T u / sigma
+        vec = op64.to_scipy().rmatmat(vec) / np.sqrt(lam)
+    vec = vec / np.linalg.norm(vec, axis=0, keepdims=True)
+    return torch.as_tensor(np.ascontiguousarray(vec.T), dtype=op.dtype, device=op.device)
