@@ -23,11 +23,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
-    assert lines[0].startswith("harmless: error: ")
+    """The single error line (warnings, one line each, may precede it); no traceback."""
     assert "Traceback" not in err
-    return lines[0]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert all(ln.startswith(("harmless: error: ", "harmless: warning: ")) for ln in lines), err
+    errors = [ln for ln in lines if ln.startswith("harmless: error: ")]
+    assert len(errors) == 1, f"expected one error line on stderr, got: {err!r}"
+    return errors[0]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,7 +123,7 @@ def test_reproduce_unknown_experiment(capsys: pytest.CaptureFixture[str]) -> Non
 def test_factory_model_needs_input_shape(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
     (tmp_path / "mymodels.py").write_text(
         "from torch import nn\n"
-        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))\n")
+        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)).eval()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     code, _, err = run(capsys, "analyze", "mymodels:build")
     assert code == EXIT_USER_ERROR
@@ -131,7 +133,7 @@ def test_factory_model_needs_input_shape(capsys: pytest.CaptureFixture[str], tmp
 def test_analyze_factory_model_json(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
     (tmp_path / "mymodels2.py").write_text(
         "from torch import nn\n"
-        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))\n")
+        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)).eval()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, _ = run(capsys, "analyze", "mymodels2:build", "--input-shape", "3,2,2", "--json")
     assert code == 0
@@ -146,7 +148,7 @@ def test_analyze_factory_model_json(capsys: pytest.CaptureFixture[str], tmp_path
 def test_analyze_with_weights_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
     (tmp_path / "mymodels3.py").write_text(
         "from torch import nn\n"
-        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+        "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():

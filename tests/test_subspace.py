@@ -515,15 +515,20 @@ def test_structure_drops_bijective_factors() -> None:
     assert space.dim == want
 
 
-def test_corollary1_certifies_random_wide_conv() -> None:
+def test_structure_route_on_random_wide_conv_meeting_corollary1() -> None:
+    from harmless.linalg.operators import ConvOperator
+    from harmless.linalg.rank import corollary1_conditions
+
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(3, 2, 3, stride=2, padding=1)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
     shape = (3, 10, 9)
     a = oracle.dense_matrix(conv, shape)
+    op = ConvOperator(conv.weight, shape, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    assert corollary1_conditions(op) == []
     space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape, method="structure")
-    assert "corollary" in space.dim_method
+    assert space.dim_method == "gram-cholesky"  # full row rank certified, not assumed
     assert space.dim == a.shape[1] - oracle.rank(a) == a.shape[1] - a.shape[0]
 
 
@@ -591,10 +596,21 @@ def test_structure_route_with_a_single_output() -> None:
         assert dim == 3
 
 
-def test_structure_on_linear_raises_too_large() -> None:
+def test_structure_on_linear_uses_the_small_gram_matrix() -> None:
     model = nn.Sequential(nn.Linear(6, 3)).eval()
-    with pytest.raises(TooLargeError, match="no exact rank method"):
-        _ = harmless.harmless_subspace(model, (6,), method="structure").dim
+    space = harmless.harmless_subspace(model, (6,), method="structure")
+    assert space.dim == 3 and space.dim_method.startswith("gram")
+
+
+def test_too_large_for_every_exact_method_says_so_and_names_corollary1() -> None:
+    from harmless.linalg.operators import ConvOperator
+    from harmless.linalg.rank import analyze_rank
+
+    weight = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    op = ConvOperator(weight, (3, 10, 9), stride=(2, 2), padding=(1, 1), dilation=(1, 1))
+    with pytest.raises(TooLargeError, match="no exact rank method") as exc:
+        analyze_rank(op, method="structure", gram_limit=10)
+    assert "Corollary 1" in str(exc.value)
 
 
 # =======================================================================================
@@ -810,7 +826,7 @@ def test_input_shape_mismatching_an_operator() -> None:
         harmless.harmless_subspace(op, (5,))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, torch.complex128, "float64", None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, torch.complex128, "float64"])
 def test_dtype_not_float32_or_float64(dtype) -> None:
     with pytest.raises(InputError, match="dtype"):
         harmless.harmless_subspace(_lin_model(), LIN, dtype=dtype)
@@ -835,7 +851,7 @@ def test_dense_limit_invalid(limit) -> None:
 
 @pytest.mark.parametrize("rtol", [0, 0.0, 1, 1.5, -1e-3, float("nan"), float("inf")])
 def test_rtol_out_of_range(rtol) -> None:
-    with pytest.raises(InputError, match=r"rtol must lie in \(0, 1\)"):
+    with pytest.raises(InputError, match=r"rtol must be a number in \(0, 1\)"):
         harmless.harmless_subspace(_lin_model(), LIN, rtol=rtol)
 
 
@@ -900,7 +916,7 @@ def test_basis_on_too_large_operator() -> None:
     conv = nn.Sequential(nn.Conv2d(1, 1, 2, stride=2)).eval()
     space = harmless.harmless_subspace(conv, (1, 8, 8), dense_limit=10)
     assert space.dim == 48  # exact by structure
-    with pytest.raises(TooLargeError, match="dense limit"):
+    with pytest.raises(TooLargeError, match="exceeds dense_limit=10"):
         space.basis()
 
 
