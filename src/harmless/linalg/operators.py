@@ -111,42 +111,28 @@ class TorchLinearOperator:
                 f"the dense matrix of this operator has {self.m} x {self.n} = {self.m * self.n:,} "
                 f"entries, above the limit of {limit:,}; use the matrix-free methods instead")
         if self.n <= self.m:
-            cols = []
-            for start in range(0, self.n, batch):
-                stop = min(start + batch, self.n)
-                eye = torch.zeros(stop - start, self.n, dtype=self.dtype, device=self.device)
-                eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-                cols.append(self._matvec(eye.view(-1, *self.in_shape)).reshape(stop - start, self.m))
-            return torch.cat(cols).T.contiguous()
+            return self._on_basis(self._matvec, self.in_shape, batch).T.contiguous()
+        return self._on_basis(self._rmatvec, self.out_shape, batch).contiguous()
+
+    def _on_basis(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Shape, batch: int) -> torch.Tensor:
+        """``fn`` applied to every standard basis vector of ``R^shape``, one result per row."""
+        size = _prod(shape)
         rows = []
-        for start in range(0, self.m, batch):
-            stop = min(start + batch, self.m)
-            eye = torch.zeros(stop - start, self.m, dtype=self.dtype, device=self.device)
+        for start in range(0, size, batch):
+            stop = min(start + batch, size)
+            eye = torch.zeros(stop - start, size, dtype=self.dtype, device=self.device)
             eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            rows.append(self._rmatvec(eye.view(-1, *self.out_shape)).reshape(stop - start, self.n))
-        return torch.cat(rows).contiguous()
+            rows.append(fn(eye.view(-1, *shape)).reshape(stop - start, -1))
+        return torch.cat(rows)
 
     def to_gram(self, *, batch: int = 256) -> torch.Tensor:
         """The ``(n, n)`` Gram matrix ``A^T A``, built from ``n`` operator applications."""
-        cols = []
-        for start in range(0, self.n, batch):
-            stop = min(start + batch, self.n)
-            eye = torch.zeros(stop - start, self.n, dtype=self.dtype, device=self.device)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            cols.append(self.gram(eye.view(-1, *self.in_shape)).reshape(stop - start, self.n))
-        g = torch.cat(cols)
+        g = self._on_basis(self.gram, self.in_shape, batch)
         return (g + g.T) / 2
 
     def to_cogram(self, *, batch: int = 256) -> torch.Tensor:
         """The ``(m, m)`` matrix ``A A^T``, built from ``m`` operator applications."""
-        cols = []
-        for start in range(0, self.m, batch):
-            stop = min(start + batch, self.m)
-            eye = torch.zeros(stop - start, self.m, dtype=self.dtype, device=self.device)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            y = eye.view(-1, *self.out_shape)
-            cols.append(self._matvec(self._rmatvec(y)).reshape(stop - start, self.m))
-        g = torch.cat(cols)
+        g = self._on_basis(lambda y: self._matvec(self._rmatvec(y)), self.out_shape, batch)
         return (g + g.T) / 2
 
     def astype(self, dtype: torch.dtype) -> TorchLinearOperator:

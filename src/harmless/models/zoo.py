@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -337,52 +338,16 @@ class ResNet(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-def resnet18(
-    *,
-    stem_stride: int = 1,
-    stem_channels: int = 64,
-    stem_kernel: int = 3,
-    in_channels: int = 3,
-    num_classes: int = 10,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> ResNet:
-    """CIFAR ResNet-18 (BasicBlock, [2, 2, 2, 2])."""
-    return ResNet(
-        BasicBlock,
-        (2, 2, 2, 2),
-        stem_stride=stem_stride,
-        stem_channels=stem_channels,
-        stem_kernel=stem_kernel,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-    )
+def resnet18(**kwargs: Any) -> ResNet:
+    """CIFAR ResNet-18 (BasicBlock, [2, 2, 2, 2]); keyword arguments (``stem_stride``,
+    ``stem_channels``, ``stem_kernel``, ``in_channels``, ``num_classes``, ``mean``, ``std``)
+    as for :class:`ResNet`."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
 
 
-def resnet50(
-    *,
-    stem_stride: int = 1,
-    stem_channels: int = 64,
-    stem_kernel: int = 3,
-    in_channels: int = 3,
-    num_classes: int = 10,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> ResNet:
-    """CIFAR ResNet-50 (Bottleneck, [3, 4, 6, 3])."""
-    return ResNet(
-        Bottleneck,
-        (3, 4, 6, 3),
-        stem_stride=stem_stride,
-        stem_channels=stem_channels,
-        stem_kernel=stem_kernel,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-    )
+def resnet50(**kwargs: Any) -> ResNet:
+    """CIFAR ResNet-50 (Bottleneck, [3, 4, 6, 3]); keyword arguments as for :func:`resnet18`."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
 
 
 # ----------------------------------------------------------------------------- VGG
