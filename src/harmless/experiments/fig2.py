@@ -87,7 +87,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
                          mean=(0.5,) * c, std=(0.25,) * c).eval()
             space = harmless_subspace(model, in_shape)
             n, m = space.ambient_dim, space.output_dim
-            oracle = n - brute_force_rank(first_layer(model), in_shape) if not quick else None
+            # fc1 reads the flattened image; Normalize before it is a bijection (same dimension).
+            oracle = n - brute_force_rank(first_layer(model), (n,)) if not quick else None
             fc_rows.append(dict(input=label, n=n, m=m, dim=space.dim, n_minus_m=max(0, n - m), oracle=oracle,
                                 method=space.dim_method))
 
