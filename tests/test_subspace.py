@@ -1042,3 +1042,24 @@ def test_sweep_dim_project_and_structure_against_oracle(cfg: LayerConfig, seed: 
         except TooLargeError:
             continue
         assert dim == c.dim, (kwargs, dim, c.dim)
+
+
+def test_zero_padding_border_windows_break_corollary1() -> None:
+    """Found while reproducing Fig 2: with zero padding a corner window of a 7x7 / stride-6
+    convolution reads only 4x4 real pixels, fewer than its 20 kernels, so its rows are
+    dependent whatever the weights, and dim exceeds n - m although the paper's conditions
+    (kernel >= stride, independent kernels, every pixel read) hold."""
+    from harmless.linalg.operators import ConvOperator
+    from harmless.linalg.rank import corollary1_conditions
+
+    conv = nn.Conv2d(1, 20, 7, stride=6, padding=3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)))
+    shape = (1, 22, 22)
+    a = oracle.dense_matrix(conv, shape)
+    n, m = a.shape[1], a.shape[0]
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape)
+    assert (n, m) == (484, 320)
+    assert space.dim == n - oracle.rank(a) == n - m + 4  # the (0, 0) corner: 20 kernels, 16 pixels
+    op = ConvOperator(conv.weight, shape, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    assert corollary1_conditions(op) == ["border windows read only 16 inputs for 20 kernels (zero padding)"]

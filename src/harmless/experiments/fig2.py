@@ -21,6 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from harmless.experiments.common import Table, provenance, save_figure, save_text
+from harmless.linalg.operators import ConvOperator
+from harmless.linalg.rank import corollary1_conditions
 from harmless.linalg.subspace import harmless_subspace
 
 ORACLE_LIMIT = 20_000_000  # matrix entries
@@ -71,9 +73,11 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
         n, m = space.ambient_dim, space.output_dim
         oracle = brute_force_rank(stem, (3, 32, 32)) if m * n <= ORACLE_LIMIT and not quick else None
         tqdm.write(f"  {arch} stride {stride}: dim {dim} ({space.dim_method}, {seconds:.1f} s)", file=sys.stderr)
+        conv_op = next(f for f in space.operator.factors if isinstance(f, ConvOperator))
+        failed = [c for c in corollary1_conditions(conv_op) if not c.startswith("n = ")]
         conv_rows.append(dict(arch=arch, stride=stride, kernel=stem.kernel_size[0], n=n, m=m, dim=dim,
                               n_minus_m=max(0, n - m), oracle=None if oracle is None else n - oracle,
-                              method=space.dim_method, seconds=seconds))
+                              method=space.dim_method, seconds=seconds, failed="; ".join(failed) or "-"))
 
     widths = [64, 128, 256, 512, 784, 1024, 2048, 3072, 4096]
     fc_rows = []
@@ -95,9 +99,9 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
     # -- table -------------------------------------------------------------------------
     cmd = "harmless reproduce fig2" + (" --quick" if quick else "")
     t1 = Table(["stem", "kernel", "stride", "n", "m (output dim)", "harmless dim", "n - m", "dense oracle",
-                "method"],
+                "method", "Corollary 1 conditions that fail"],
                [[r["arch"], str(r["kernel"]), str(r["stride"]), str(r["n"]), str(r["m"]), str(r["dim"]),
-                 str(r["n_minus_m"]), "-" if r["oracle"] is None else str(r["oracle"]), r["method"]]
+                 str(r["n_minus_m"]), "-" if r["oracle"] is None else str(r["oracle"]), r["method"], r["failed"]]
                 for r in conv_rows])
     t2 = Table(["input", "n", "m (first FC width)", "harmless dim", "n - m", "dense oracle", "method"],
                [[r["input"], str(r["n"]), str(r["m"]), str(r["dim"]), str(r["n_minus_m"]),
@@ -113,9 +117,12 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
                f"(oracle computed where the matrix has <= {ORACLE_LIMIT:,} entries).\n\n" if n_oracle else
                "\nDense oracle not computed (--quick).\n\n") +
             f"Conv stems where the measured dimension differs from max(0, n - m): {len(deviates)} of "
-            f"{len(conv_rows)}. These are stems whose kernel is smaller than the stride, or whose "
-            "C_out kernels cannot be linearly independent in R^(C_in k^2) (VGG-16 / ResNet-18: 64 kernels in "
-            "R^27): Corollary 1's conditions fail, and the true dimension is larger than n - m.\n"
+            f"{len(conv_rows)}; in every one of them a condition of Corollary 1 fails (last column): "
+            f"{sum(r['failed'] != '-' for r in deviates)} of {len(deviates)}. Three causes: a kernel smaller "
+            "than the stride leaves pixels unread; 64 kernels cannot be independent in R^27 (3x3 stems); and, "
+            "not in the paper, zero padding: a border window reads fewer real pixels than there are kernels, "
+            "so its rows are dependent whatever the weights (ResNet-50's 7x7 stem at stride 5 has m > n and "
+            "still a 48-dimensional harmless subspace; at stride 6, 792 instead of n - m = 768).\n"
             + provenance(cmd))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -271,6 +271,12 @@ def corollary1_conditions(op: ConvOperator) -> list[str]:
     kmat = op.kernel_matrix().to("cpu", torch.float64).numpy()
     if np.linalg.matrix_rank(kmat) < kmat.shape[0]:
         failed.append("the vectorised kernels are linearly dependent")
+    # Not in the paper: with zero padding a border window reads fewer real inputs; when they
+    # are fewer than the kernels, that window's rows are dependent whatever the weights.
+    fewest = op.in_shape[0] // op.groups * int(np.prod([min(len(t) for _, t in rows) for rows in _window_taps(op)]))
+    per_group = op.weight.shape[0] // op.groups
+    if fewest < per_group:
+        failed.append(f"border windows read only {fewest} inputs for {per_group} kernels (zero padding)")
     return failed
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -151,8 +149,7 @@ class ProjectionInfo:
     ``gap``: primal objective ``1/2 ||y - t||^2`` of the returned feasible ``y`` minus the dual
     objective of the last multiplier (>= 0, up to rounding: an upper bound on the suboptimality);
     ``rel_gap``: gap / max(primal, 1e-30); ``infeasibility``: ``||(I-P)(y(mu) - anchor)||`` of the
-    dual iterate before repair; ``shrink``: the factor the repair step scaled the harmless part
-    by (1 when none was needed); ``iterations``: how many dual steps ran.
+    dual iterate before repair; ``shrink``: the factor the final repair scaled the harmless part by (1: none needed); ``iterations``: how many dual steps ran.
     """
 
     gap: torch.Tensor
@@ -162,39 +159,40 @@ class ProjectionInfo:
     iterations: int
 
 
+_EPS_BOX = 1e-12
+
+
 def _repair(proj: Projector, anchor: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Make ``y`` exactly feasible: project onto ``anchor + N(A)``, then shrink the harmless part
-    towards ``anchor`` (which is in the box) until every pixel is in ``[0, 1]``."""
+    """Make ``y`` feasible: project it onto ``anchor + N(A)``, then shrink the harmless part
+    towards ``anchor`` (which is in the box) by the largest ``theta <= 1`` that keeps every pixel
+    in ``[-1e-12, 1 + 1e-12]``. The result is in ``[0, 1]`` to 1e-12 and harmless up to round-off
+    (no clipping). When the solver has converged ``theta`` is 1."""
     d = proj.harmless(y - anchor)
-    # the largest theta in [0, 1] with 0 <= anchor + theta d <= 1 for every pixel
-    with np.errstate(divide="ignore", invalid="ignore"):
-        up = torch.where(d > 0, (1.0 - anchor) / d, torch.full_like(d, math.inf))
-        lo = torch.where(d < 0, (0.0 - anchor) / d, torch.full_like(d, math.inf))
+    inf = torch.full_like(d, math.inf)
+    up = torch.where(d > 0, (1.0 + _EPS_BOX - anchor) / d, inf)
+    lo = torch.where(d < 0, (-_EPS_BOX - anchor) / d, inf)
     theta = torch.minimum(up.amin(dim=1), lo.amin(dim=1)).clamp(0.0, 1.0)
-    theta = torch.where(theta < 1.0, theta * (1.0 - 1e-15), theta)  # keep clear of rounding
     out = anchor + theta[:, None] * d
-    # round-off in the last bit: clamp only pixels within 1e-15 of the box (changes A y by < 1e-15)
-    out = torch.where((out < 0) & (out > -1e-14), torch.zeros_like(out), out)
-    out = torch.where((out > 1) & (out < 1 + 1e-14), torch.ones_like(out), out)
     return out, theta
 
 
 def project_affine_box(space: HarmlessSubspace | Projector, anchor: torch.Tensor, target: torch.Tensor, *,
-                       max_iter: int = 5000, tol: float = 1e-10) -> tuple[torch.Tensor, ProjectionInfo]:
+                       warm: int = 300, newton: int = 25) -> tuple[torch.Tensor, ProjectionInfo]:
     """The nearest point to ``target`` in ``{anchor + N(A)} ∩ [0, 1]^n``, per sample.
 
     ``anchor`` must lie in ``[0, 1]^n`` (so the set is non-empty). Solves the dual
-    ``max_mu  min_{0<=y<=1} 1/2||y - t||^2 + mu.(y - anchor)``, ``mu`` in the row space, by FISTA
-    with adaptive restart (the dual gradient ``(I - P)(y(mu) - anchor)`` is 1-Lipschitz), until
-    the relative duality gap of the repaired point is below ``tol`` or ``max_iter`` steps.
-    Returns flat-shaped ``(B, *input_shape)`` images and a :class:`ProjectionInfo`.
+    ``max_mu  min_{0<=y<=1} 1/2||y - t||^2 + mu.(y - anchor)``, ``mu`` in the row space: ``warm`` steps of FISTA with adaptive restart (the dual
+    gradient ``(I - P)(y(mu) - anchor)`` is 1-Lipschitz), then up to ``newton`` semismooth Newton steps
+    whose directions are exact active-set solves. The result is in ``[0, 1]`` and harmless up to
+    round-off (see :func:`_repair`); ``info.gap`` bounds its suboptimality.
+    Returns images shaped ``(B, *input_shape)`` and a :class:`ProjectionInfo`.
     """
     proj = projector(space)
     a = _images(proj, anchor, "anchor").reshape(-1, proj.n)
     t = _images(proj, target, "target", box=False).reshape(-1, proj.n)
     if t.shape[0] != a.shape[0]:
         raise InputError(f"target has {t.shape[0]} samples but anchor has {a.shape[0]}")
-    y, info = _project_flat(proj, a, t, max_iter=max_iter, tol=tol)
+    y, info = _project_flat(proj, a, t, warm=warm, newton=newton)
     return y.reshape(-1, *proj.input_shape), info
 
 
@@ -202,10 +200,10 @@ def _dual_value(y: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, a: torch.Ten
     return 0.5 * ((y - t) ** 2).sum(1) + (mu * (y - a)).sum(1)
 
 
-def _fista(proj: Projector, a: torch.Tensor, t: torch.Tensor, iters: int) -> torch.Tensor:
-    """``iters`` steps of FISTA with adaptive restart on the dual; returns the best multiplier ``mu``."""
+def _fista_from(proj: Projector, a: torch.Tensor, t: torch.Tensor, mu0: torch.Tensor, iters: int) -> torch.Tensor:
+    """``iters`` steps of FISTA with adaptive restart on the dual from ``mu0``; returns the best ``mu``."""
     b = a.shape[0]
-    mu = torch.zeros_like(t)
+    mu = mu0.clone()
     nu = mu.clone()
     tk = torch.ones(b, dtype=torch.float64)
     q_best = torch.full((b,), -math.inf, dtype=torch.float64)
@@ -271,41 +269,60 @@ def _active_solve_null(proj: Projector, a: torch.Tensor, t: torch.Tensor, z: tor
     return out
 
 
-def _project_flat(proj: Projector, a: torch.Tensor, t: torch.Tensor, *, max_iter: int,
-                  tol: float, warm: int = 100) -> tuple[torch.Tensor, ProjectionInfo]:
-    """Dual FISTA warm start, then a primal-dual active-set method (each step solves the
-    equality-constrained QP of the current active set exactly) until the active set settles."""
-    mu = _fista(proj, a, t, warm)
-    z = t - mu
-    use_row = proj.rank * proj.rank * proj.n <= proj.dim * proj.dim * proj.n
-    sets = None
-    it = 0
+def _project_flat(proj: Projector, a: torch.Tensor, t: torch.Tensor, *, warm: int = 300,
+                  newton: int = 25) -> tuple[torch.Tensor, ProjectionInfo]:
+    """Dual FISTA warm start (``warm`` steps), then a semismooth Newton method on the dual with
+    backtracking: the Newton direction is the exact solution of the equality-constrained QP of the
+    current active set (pixels with ``t - mu`` outside ``[0, 1]`` fixed at the bound), the step
+    the largest of 1, 1/2, ... that increases the dual. Once the active set is right a full step
+    solves the problem exactly. Finally made feasible by :func:`_repair` (exact when converged;
+    otherwise a feasible point whose suboptimality is bounded by the reported duality gap)."""
+    mu = _fista_from(proj, a, t, torch.zeros_like(t), warm)
+    q = _dual_value((t - mu).clamp(0.0, 1.0), t, mu, a)
+    use_row = proj.rank <= proj.dim
     todo = torch.arange(a.shape[0])
-    for it in range(1, max(1, max_iter // 100) + 1):
-        zt = z[todo]
-        if use_row:
-            mu_new = _active_solve_row(proj, a[todo], t[todo], zt)
-            z_new = t[todo] - mu_new
-        else:
-            z_new = _active_solve_null(proj, a[todo], t[todo], zt)
-        new_sets = torch.where(z_new < 0, -1, torch.where(z_new > 1, 1, 0))
-        old_sets = torch.where(zt < 0, -1, torch.where(zt > 1, 1, 0))
-        z[todo] = z_new
-        same = (new_sets == old_sets).all(dim=1)
-        todo = todo[~same]
+    it = 0
+    for it in range(1, newton + 1):
         if todo.numel() == 0:
             break
-    del sets
-    y_dual = z.clamp(0.0, 1.0)
-    infeas = proj.harmful(y_dual - a).norm(dim=1)
-    # final exactness: project onto the affine set (a change of the size of the round-off), then
-    # clamp round-off, then (only if something was still off) shrink towards the anchor
-    y = a + proj.harmless(y_dual - a)
-    y = torch.where((y < 0) & (y > -1e-13), torch.zeros_like(y), y)
-    y = torch.where((y > 1) & (y < 1 + 1e-13), torch.ones_like(y), y)
-    y, theta = _repair(proj, a, y)
-    mu = proj.harmful(t - z)
-    q = _dual_value((t - mu).clamp(0.0, 1.0), t, mu, a)
+        at, tt, mt = a[todo], t[todo], mu[todo]
+        z = tt - mt
+        if use_row:
+            target = _active_solve_row(proj, at, tt, z)
+        else:
+            target = proj.harmful(tt - _active_solve_null(proj, at, tt, z))
+        step = target - mt
+        alpha = torch.ones(todo.numel(), dtype=torch.float64)
+        accepted = torch.zeros(todo.numel(), dtype=torch.bool)
+        q_old = q[todo]
+        inf_old = proj.harmful(z.clamp(0.0, 1.0) - at).norm(dim=1)
+        new_mu = mt.clone()
+        new_q = q_old.clone()
+        for _ in range(30):
+            cand = mt + alpha[:, None] * step
+            yc = (tt - cand).clamp(0.0, 1.0)
+            qc = _dual_value(yc, tt, cand, at)
+            # ascent on the dual, or (near the optimum, where q is flat to round-off) a halving
+            # of the constraint violation
+            closer = proj.harmful(yc - at).norm(dim=1) <= 0.5 * inf_old
+            ok = ((qc >= q_old - 1e-15 * q_old.abs().clamp_min(1.0)) | closer) & ~accepted
+            new_mu[ok] = cand[ok]
+            new_q[ok] = qc[ok]
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            alpha = torch.where(accepted, alpha, alpha / 2)
+        mu[todo] = new_mu
+        q[todo] = new_q
+        y = (t[todo] - mu[todo]).clamp(0.0, 1.0)
+        infeas = proj.harmful(y - at).norm(dim=1)
+        scale = at.norm(dim=1).clamp_min(1.0)
+        fin = (infeas <= 1e-13 * scale) | ~accepted
+        todo = todo[~fin]
+    z = t - mu
+    infeas = proj.harmful(z.clamp(0, 1) - a).norm(dim=1)
+    y, theta = _repair(proj, a, z.clamp(0.0, 1.0))
+    q = _dual_value(z.clamp(0.0, 1.0), t, mu, a)
     primal = 0.5 * ((y - t) ** 2).sum(1)
     gap = primal - q
     rel = gap / primal.clamp_min(1e-30)
@@ -357,7 +374,7 @@ def _check_positive(value: object, name: str, *, integer: bool = False) -> None:
 
 def privatize_paper(space: HarmlessSubspace | Projector, x: torch.Tensor, *, steps: int = 300, lr: float = 0.05,
                     penalty: float = 10.0, generator: torch.Generator | None = None,
-                    init_scale: float = 0.1, max_iter: int = 5000, tol: float = 1e-10) -> Result:
+                    init_scale: float = 0.1, warm: int = 300, newton: int = 25) -> Result:
     """Algorithm 1 of the paper: maximise ``MSE(x_hat, x) - penalty * mean(box violation^2)`` over
     the harmless coefficients ``c`` (``x_hat = x + U c``) with Adam from a random start (the
     objective is flat at ``c = 0``), then restore feasibility inside the affine set: ``x_hat`` is
@@ -391,7 +408,7 @@ def privatize_paper(space: HarmlessSubspace | Projector, x: torch.Tensor, *, ste
     with torch.no_grad():
         y = flat + c.detach() @ u
         raw_violation = box_violation(y)
-        x_hat, pinfo = _project_flat(proj, flat, y, max_iter=max_iter, tol=tol)
+        x_hat, pinfo = _project_flat(proj, flat, y, warm=warm, newton=newton)
     info: dict[str, object] = {"raw_box_violation": raw_violation, "projection": pinfo, "objective": history,
                                "steps": steps, "lr": lr, "penalty": penalty}
     return _result(proj, xs, x_hat, "paper", info)
@@ -423,7 +440,7 @@ def make_decoy(kind: str | torch.Tensor, x: torch.Tensor, *, generator: torch.Ge
 
 
 def privatize_decoy(space: HarmlessSubspace | Projector, x: torch.Tensor, decoy: str | torch.Tensor = "grey", *,
-                    generator: torch.Generator | None = None, max_iter: int = 5000, tol: float = 1e-10) -> Result:
+                    generator: torch.Generator | None = None, warm: int = 300, newton: int = 25) -> Result:
     """Our convex formulation: ``min ||x_hat - t||^2  s.t.  A x_hat = A x, 0 <= x_hat <= 1``, with
     ``t`` the decoy (see :func:`make_decoy`), solved to the global optimum (the projection of
     ``t`` onto ``{x + N(A)} ∩ [0, 1]^n``, :func:`project_affine_box`). The duality gap per sample
@@ -433,7 +450,7 @@ def privatize_decoy(space: HarmlessSubspace | Projector, x: torch.Tensor, decoy:
     t = make_decoy(decoy, xs, generator=generator)
     t = _images(proj, t, "decoy", box=False)
     b = xs.shape[0]
-    x_hat, pinfo = _project_flat(proj, xs.reshape(b, -1), t.reshape(b, -1), max_iter=max_iter, tol=tol)
+    x_hat, pinfo = _project_flat(proj, xs.reshape(b, -1), t.reshape(b, -1), warm=warm, newton=newton)
     name = decoy if isinstance(decoy, str) else "image"
     return _result(proj, xs, x_hat, f"decoy-{name}", {"projection": pinfo, "decoy": t})
 
@@ -501,6 +518,3 @@ def quantize_harmless(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, 
         naive_deviation=proj.apply(naive - xs).norm(dim=1), improved_deviation=proj.apply(improved - xs).norm(dim=1),
         flips=flips)
 
-
-def _as_seq(x: Sequence[int]) -> tuple[int, ...]:  # pragma: no cover - helper for callers
-    return tuple(int(s) for s in x)

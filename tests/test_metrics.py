@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from harmless.errors import InputError
+from harmless.metrics import delta_accuracy, psnr, ssim
+
+
+def test_ssim_identity_and_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 28, 28, generator=g, dtype=torch.float64)
+    assert np.allclose(ssim(x, x), 1.0)
+    y = torch.rand(3, 1, 28, 28, generator=g, dtype=torch.float64)
+    assert (ssim(x, y) < 0.5).all()
+    rgb = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    assert np.allclose(ssim(rgb, rgb), 1.0)
+
+
+def test_psnr_values():
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    assert np.isinf(psnr(x, x)).all()
+    assert np.allclose(psnr(x, x + 0.1), 20.0)
+
+
+def test_metric_bad_input():
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(InputError, match="grayscale vs RGB"):
+        ssim(x, torch.rand(2, 3, 28, 28))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="non-finite"):
+        psnr(x, bad)
+
+
+def test_delta_accuracy():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double().eval()
+    x = torch.rand(10, 1, 2, 2, dtype=torch.float64)
+    y = model(x).argmax(1)
+    assert delta_accuracy(model, x, x.clone(), y) == 0.0

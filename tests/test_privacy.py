@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from torch import nn
+
+import harmless
+from harmless.errors import InputError
+from harmless.privacy import privatize_decoy, privatize_paper, project_affine_box, quantize_harmless
+
+
+def _tiny(seed=0, n=30, m=10):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(n, m), nn.ReLU(), nn.Linear(m, 3)).double().eval()
+    return model, harmless.harmless_subspace(model, (n,))
+
+
+def _x(b=4, n=30, seed=1):
+    return torch.rand(b, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.8 + 0.1
+
+
+@pytest.mark.parametrize(("decoy", "m"), [("grey", 10), ("noise", 10), ("shift", 10), ("grey", 22), ("noise", 22)])
+def test_decoy_feasible_harmless_and_optimal(decoy, m):
+    # m=10: rank < dim (row-space solves); m=22: rank > dim (null-space solves); pixels at the bound
+    model, space = _tiny(m=m)
+    x = _x()
+    x[:, :3] = 0.0
+    x[:, 3] = 1.0
+    x0 = x.clone()
+    r = privatize_decoy(space, x, decoy)
+    assert torch.equal(x, x0)  # input not modified
+    assert float(r.x_hat.min()) >= -1e-12 and float(r.x_hat.max()) <= 1 + 1e-12
+    assert float(r.harmful_residual.max()) <= 1e-12
+    with torch.no_grad():
+        out, out_hat = model(x), model(r.x_hat)
+    assert float(((out_hat - out).abs() / out.abs().clamp_min(1e-300)).max()) < 1e-10
+    assert torch.equal(out.argmax(1), out_hat.argmax(1))  # delta accuracy exactly 0
+    a = model[0].weight.detach().numpy()
+    t = r.info["decoy"].numpy()
+    for k in range(x.shape[0]):
+        xk, tk = x[k].numpy(), t[k]
+        ref = minimize(lambda y: 0.5 * ((y - tk) ** 2).sum(), xk, jac=lambda y: y - tk, method="SLSQP",
+                       constraints=[{"type": "eq", "fun": lambda y: a @ (y - xk), "jac": lambda y: a}],
+                       bounds=[(0, 1)] * xk.size, options={"ftol": 1e-15, "maxiter": 2000})
+        ours = 0.5 * ((r.x_hat[k].numpy() - tk) ** 2).sum()
+        assert ours <= ref.fun + 1e-9
+        assert np.abs(r.x_hat[k].numpy() - ref.x).max() < 1e-5
+    assert float(r.info["projection"].rel_gap.abs().max()) < 1e-8
+
+
+def test_paper_algorithm_feasible_and_harmless():
+    model, space = _tiny()
+    x = _x()
+    r = privatize_paper(space, x, steps=100, generator=torch.Generator().manual_seed(0))
+    assert float(r.box_violation.max()) <= 1e-12
+    assert float(r.harmful_residual.max()) <= 1e-12
+    assert float(r.mse.min()) > 1e-3  # it does move the image
+    with torch.no_grad():
+        assert torch.allclose(model(r.x_hat), model(x), rtol=1e-10, atol=1e-12)
+
+
+def test_projection_of_feasible_point_is_itself():
+    _, space = _tiny()
+    x = _x()
+    y, info = project_affine_box(space, x, x)
+    assert torch.allclose(y, x, atol=1e-12)
+
+
+def test_quantize_improves_deviation():
+    _, space = _tiny()
+    x = _x()
+    r = privatize_decoy(space, x, "grey")
+    q = quantize_harmless(space, r.x_hat, x)
+    assert (q.improved_deviation <= q.naive_deviation + 1e-15).all()
+    assert torch.allclose(q.improved * 255, torch.round(q.improved * 255), atol=1e-9)
+    assert float(q.improved.min()) >= 0 and float(q.improved.max()) <= 1
+
+
+def test_bad_input():
+    _, space = _tiny()
+    with pytest.raises(InputError, match="shape"):
+        privatize_decoy(space, torch.rand(2, 31, dtype=torch.float64))
+    bad = _x()
+    bad[0, 0] = float("inf")
+    with pytest.raises(InputError, match="non-finite"):
+        privatize_decoy(space, bad)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        privatize_decoy(space, _x() + 1.0)
+    with pytest.raises(InputError, match="unknown decoy"):
+        privatize_decoy(space, _x(), "banana")
+    img = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double().eval()
+    sp = harmless.harmless_subspace(img, (3, 4, 4))
+    with pytest.raises(InputError, match="grayscale"):
+        privatize_decoy(sp, torch.rand(2, 1, 4, 4, dtype=torch.float64))
