@@ -38,3 +38,40 @@ def test_delta_accuracy():
     x = torch.rand(10, 1, 2, 2, dtype=torch.float64)
     y = model(x).argmax(1)
     assert delta_accuracy(model, x, x.clone(), y) == 0.0
+
+
+def _lpips_or_skip():
+    from harmless.errors import DataUnavailableError
+    from harmless.metrics.lpips import LPIPS
+
+    try:
+        return LPIPS("alex")
+    except DataUnavailableError as exc:  # offline and not cached
+        pytest.skip(str(exc))
+
+
+def test_lpips_properties():
+    model = _lpips_or_skip()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    y = torch.rand(3, 3, 32, 32, generator=g)
+    assert torch.equal(model(x, x), torch.zeros(3))
+    assert torch.allclose(model(x, y), model(y, x))
+    assert (model(x, y) > 0).all()
+    gray = torch.rand(2, 1, 28, 28, generator=g)
+    assert (model(gray, gray.flip(-1)) > 0).all()
+    with pytest.raises(InputError, match="grayscale vs RGB"):
+        model(gray, torch.rand(2, 3, 28, 28))
+
+
+def test_lpips_heads_equal_official():
+    from harmless.errors import DataUnavailableError
+    from harmless.metrics.lpips import official_heads
+
+    model = _lpips_or_skip()
+    try:
+        ref = official_heads("alex")
+    except DataUnavailableError as exc:
+        pytest.skip(str(exc))
+    for ours, theirs in zip(model.heads, ref):
+        assert torch.equal(ours.detach(), theirs)

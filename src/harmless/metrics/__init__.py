@@ -11,7 +11,7 @@ from torch import nn
 
 from harmless.errors import InputError
 
-__all__ = ["ssim", "psnr", "delta_accuracy"]
+__all__ = ["ssim", "psnr", "delta_accuracy", "lpips"]
 
 
 def _pair(a: object, b: object) -> tuple[np.ndarray, np.ndarray]:
@@ -72,3 +72,10 @@ def delta_accuracy(model: nn.Module, x: torch.Tensor, x_new: torch.Tensor, y: to
         return float((pred.cpu() == y.cpu()).double().mean())
 
     return acc(x) - acc(x_new)
+
+
+def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex") -> np.ndarray:
+    """Per-image LPIPS (v0.1 heads; ``net`` ``"alex"`` or ``"vgg"``); see :mod:`harmless.metrics.lpips`."""
+    from harmless.metrics.lpips import lpips as _lpips
+
+    return _lpips(a, b, net)

@@ -102,6 +102,9 @@ def projector(space: HarmlessSubspace | Projector) -> Projector:
 # ---------------------------------------------------------------------------------------------
 # Validation.
 
+#: How far outside [0, 1] a pixel may be (round-off of the exact projections).
+_EPS_BOX = 1e-12
+
 
 def _images(proj: Projector, x: object, what: str = "x", *, box: bool = True) -> torch.Tensor:
     """A validated float64 copy of a batch ``(B, *input_shape)`` (a single image is accepted)."""
@@ -126,7 +129,7 @@ def _images(proj: Projector, x: object, what: str = "x", *, box: bool = True) ->
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{what} contains non-finite values (nan or inf)")
     out = x.detach().to(dtype=torch.float64, device="cpu").clone()
-    if box and (float(out.min()) < 0.0 or float(out.max()) > 1.0):
+    if box and (float(out.min()) < -_EPS_BOX or float(out.max()) > 1.0 + _EPS_BOX):
         raise InputError(f"{what} must have values in [0, 1] (got range [{float(out.min()):.4g}, "
                          f"{float(out.max()):.4g}])")
     return out
@@ -159,7 +162,6 @@ class ProjectionInfo:
     iterations: int
 
 
-_EPS_BOX = 1e-12
 
 
 def _repair(proj: Projector, anchor: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
