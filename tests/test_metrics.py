@@ -42,7 +42,7 @@ def test_delta_accuracy():
 
 def _lpips_or_skip():
     from harmless.errors import DataUnavailableError
-    from harmless.metrics.lpips import LPIPS
+    from harmless.metrics.perceptual import LPIPS
 
     try:
         return LPIPS("alex")
@@ -66,7 +66,7 @@ def test_lpips_properties():
 
 def test_lpips_heads_equal_official():
     from harmless.errors import DataUnavailableError
-    from harmless.metrics.lpips import official_heads
+    from harmless.metrics.perceptual import official_heads
 
     model = _lpips_or_skip()
     try:

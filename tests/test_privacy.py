@@ -92,3 +92,18 @@ def test_bad_input():
     sp = harmless.harmless_subspace(img, (3, 4, 4))
     with pytest.raises(InputError, match="grayscale"):
         privatize_decoy(sp, torch.rand(2, 1, 4, 4, dtype=torch.float64))
+
+
+def test_audit_attacks_stay_in_the_indistinguishable_set():
+    from harmless.privacy.audit import box_attack, min_norm_attack
+
+    model, space = _tiny()
+    x = _x()
+    r = privatize_decoy(space, x, "grey")
+    mn = min_norm_attack(space, r.x_hat)
+    ref = min_norm_attack(space, x)  # the harmful part of x is public: (I-P) x_hat == (I-P) x
+    assert torch.allclose(mn, ref, atol=1e-12)
+    rec = box_attack(space, r.x_hat)
+    assert float(rec.min()) >= -1e-12 and float(rec.max()) <= 1 + 1e-12
+    with torch.no_grad():
+        assert torch.allclose(model(rec), model(x), rtol=1e-10, atol=1e-12)

@@ -454,7 +454,8 @@ def test_matrix_free_project_on_3x16x16_conv(c_out, k, stride, padding, duplicat
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionWarning)
         got = space.project(delta)
-    assert space.last_solve is not None and space.last_solve.converged
+    # An injective layer (dim 0, certified) needs no solve: its harmless part is zero.
+    assert (space.last_solve is not None and space.last_solve.converged) or space.dim == 0
     d = oracle.flat(delta)
     dn = np.linalg.norm(d, axis=1)
     err = np.linalg.norm(oracle.flat(got) - d @ p, axis=1) / dn

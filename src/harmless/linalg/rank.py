@@ -87,27 +87,25 @@ def dense_svd_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT,
     """Rank, singular values and (optionally) orthonormal bases from the SVD of the matrix.
 
     A tall matrix is first reduced to its ``n x n`` triangular factor ``R`` (same singular
-    values and right singular vectors, a fraction of the cost); singular vectors are only
-    computed when a nullspace exists, since an injective map needs no basis.
+    values and right singular vectors, a fraction of the cost).
     """
     a = op.to_dense(limit=limit).to("cpu", torch.float64).numpy()
     m, n = a.shape
     if m > n:
         a = scipy.linalg.qr(a, mode="r", overwrite_a=True, check_finite=False)[0][:n]
-    sv = scipy.linalg.svd(a, compute_uv=False, lapack_driver="gesdd", check_finite=False)
+    if bases:
+        # One SVD with all n right singular vectors: the last n - rank span the nullspace.
+        _, sv, vt = scipy.linalg.svd(a, full_matrices=True, lapack_driver="gesdd", check_finite=False)
+    else:
+        sv, vt = scipy.linalg.svd(a, compute_uv=False, lapack_driver="gesdd", check_finite=False), None
     tol = (sv[0] if sv.size else 0.0) * max(m, n) * np.finfo(np.float64).eps
     rank = int(np.sum(sv > tol))
     full_sv = np.zeros(n)
     full_sv[: sv.size] = sv
     result = RankResult(n=n, m=m, rank=rank, method="dense-svd", singular_values=full_sv, gap=_gap(full_sv, rank))
-    if bases:
-        if rank == n:
-            result.null_basis = np.zeros((0, n))  # injective: the row space is everything
-        else:
-            # All n right singular vectors: the last n - rank span the nullspace.
-            _, _, vt = scipy.linalg.svd(a, full_matrices=True, lapack_driver="gesdd", check_finite=False)
-            result.row_basis = vt[:rank]
-            result.null_basis = vt[rank:]
+    if vt is not None:
+        result.row_basis = vt[:rank] if rank < n else None  # injective: the row space is everything
+        result.null_basis = vt[rank:]
     return result
 
 

@@ -146,9 +146,8 @@ class HarmlessSubspace:
     # -- the algorithms ------------------------------------------------------------------
     def _harmful(self, d: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection onto the row space of A (the harmful part), validated input."""
-        fact = self._factorization
-        if fact is not None and fact.rank == self.ambient_dim:
-            return d.clone()  # injective: every direction is harmful
+        if self.dim == 0:
+            return d.clone()  # injective: every direction is harmful, no factorisation needed
         basis = self._row_basis
         if basis is not None:
             flat = d.reshape(d.shape[0], -1)
@@ -209,6 +208,8 @@ class HarmlessSubspace:
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""
+        if self.dim == 0:
+            return torch.zeros(0, *self.input_shape, dtype=self.dtype, device=self.operator.device)
         info = self._factorization
         if info is None and self.rank_info.method == "gram-eigh":
             info = analyze_rank(self.operator, method="gram", bases=True)

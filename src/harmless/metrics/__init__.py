@@ -75,7 +75,7 @@ def delta_accuracy(model: nn.Module, x: torch.Tensor, x_new: torch.Tensor, y: to
 
 
 def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex") -> np.ndarray:
-    """Per-image LPIPS (v0.1 heads; ``net`` ``"alex"`` or ``"vgg"``); see :mod:`harmless.metrics.lpips`."""
-    from harmless.metrics.lpips import lpips as _lpips
+    """Per-image LPIPS (v0.1 heads; ``net`` ``"alex"`` or ``"vgg"``); see :mod:`harmless.metrics.perceptual`."""
+    from harmless.metrics.perceptual import lpips as _lpips
 
     return _lpips(a, b, net)
