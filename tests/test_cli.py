@@ -200,3 +200,47 @@ def test_models_train_cifar_without_data_says_untrained(capsys: pytest.CaptureFi
     code, out, _ = run(capsys, "models", "train", "resnet18:stem_stride=8", "--quiet")
     assert code == 0
     assert "untrained" in out
+
+
+FACTORY = (
+    "import torch\nfrom torch import nn\n"
+    "def _mlp(seed):\n"
+    "    torch.manual_seed(seed)\n"
+    "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10)).eval()\n"
+    "def model_a():\n    return _mlp(0)\n"
+    "def model_b():\n    return _mlp(1)\n")
+
+
+def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                        monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "fpmodels.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fp = tmp_path / "a.fp"
+    common = ["--input-shape", "1,28,28"]
+    code, out, err = run(capsys, "fingerprint", "create", "fpmodels:model_a", "--out", str(fp),
+                         "--probe-dataset", "foolbox-mnist", "--k", "4", *common)
+    assert code == 0, err
+    assert "harmless dim 720" in out and fp.exists()
+    code, out, _ = run(capsys, "fingerprint", "verify", str(fp), "fpmodels:model_a", *common)
+    assert code == 0 and out.startswith("SAME")
+    code, out, _ = run(capsys, "fingerprint", "verify", str(fp), "fpmodels:model_b", *common)
+    assert code == 1 and out.startswith("DIFFERENT")
+    before = fp.read_bytes()
+    code, _, err = run(capsys, "fingerprint", "create", "fpmodels:model_a", "--out", str(fp),
+                       "--probe-dataset", "foolbox-mnist", *common)
+    assert code == EXIT_USER_ERROR and "overwrite" in one_error_line(err)
+    assert fp.read_bytes() == before
+
+
+def test_fingerprint_verify_rejects_a_tampered_file(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                    monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "fpmodels2.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fp = tmp_path / "a.fp"
+    assert run(capsys, "fingerprint", "create", "fpmodels2:model_a", "--out", str(fp), "--probe-dataset",
+               "foolbox-mnist", "--k", "2", "--input-shape", "1,28,28")[0] == 0
+    data = bytearray(fp.read_bytes())
+    data[-5] ^= 0xFF  # a byte of tensor data
+    fp.write_bytes(bytes(data))
+    code, _, err = run(capsys, "fingerprint", "verify", str(fp), "fpmodels2:model_a", "--input-shape", "1,28,28")
+    assert code == EXIT_USER_ERROR and "checksum" in one_error_line(err)
