@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fingerprint_parser(sub)
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
-    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "fig5", "all"],
-                     help="fig2, table1, fig3, fig5 or all")
+    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "fig5", "table2", "all"],
+                     help="fig2, table1, fig3, fig5, table2 or all")
     rep.add_argument("--quick", action="store_true", help="fewer points and images (minutes instead of more)")
     rep.add_argument("--out", default="results", help="output folder (default: results)")
     rep.add_argument("--data-dir", help="a CIFAR-10 python-pickle folder to train the CIFAR models on")

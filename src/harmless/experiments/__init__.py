@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harmless.errors import InputError
 
-EXPERIMENTS = ("fig2", "table1", "fig3", "fig5")
+EXPERIMENTS = ("fig2", "table1", "fig3", "fig5", "table2")
 
 
 def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: str | None = None) -> list[Path]:
@@ -26,4 +26,7 @@ def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: s
     if name == "fig5":
         from harmless.experiments.fig5 import run as run_fig5
         return run_fig5(out_dir, quick=quick, data_dir=data_dir)
+    if name == "table2":
+        from harmless.experiments.table2 import run as run_table2
+        return run_table2(out_dir, quick=quick, data_dir=data_dir)
     raise InputError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")
