@@ -533,6 +533,16 @@ def test_structure_route_on_random_wide_conv_meeting_corollary1() -> None:
     assert space.dim == a.shape[1] - oracle.rank(a) == a.shape[1] - a.shape[0]
 
 
+def _assert_matrix_free_dims_agree(c: Case) -> None:
+    """Every matrix-free rank route that answers agrees with the dense oracle."""
+    for kwargs in (dict(method="structure"), dict(dense_limit=1)):
+        try:
+            dim = c.space(**kwargs).dim
+        except TooLargeError:
+            continue
+        assert dim == c.dim, (kwargs, dim, c.dim)
+
+
 @pytest.mark.parametrize("length", [10, 30, 60])
 def test_corollary1_not_fooled_by_shifted_kernels(length: int) -> None:
     """Kernels [a, b, 0] and [0, a, b] (per channel) are linearly independent, the kernel is
@@ -573,12 +583,7 @@ def test_corollary1_with_non_zero_padding_modes(padding_mode: str, length: int) 
                       seed=0)
     c = Case(cfg)
     assert c.rank < c.m
-    for kwargs in (dict(method="structure"), dict(dense_limit=1)):
-        try:
-            dim = c.space(**kwargs).dim
-        except TooLargeError:
-            continue
-        assert dim == c.dim, (kwargs, dim, c.dim)
+    _assert_matrix_free_dims_agree(c)
 
 
 def test_structure_route_with_a_single_output() -> None:
@@ -1037,12 +1042,7 @@ def test_sweep_dim_project_and_structure_against_oracle(cfg: LayerConfig, seed: 
         got = oracle.flat(space.project(delta))
         dn = np.linalg.norm(oracle.flat(delta), axis=1)
         assert np.all(np.linalg.norm(got - oracle.flat(delta) @ c.p, axis=1) <= proj_tol(c.kappa, dtype) * dn)
-    for kwargs in (dict(method="structure"), dict(dense_limit=1)):
-        try:
-            dim = c.space(**kwargs).dim
-        except TooLargeError:
-            continue
-        assert dim == c.dim, (kwargs, dim, c.dim)
+    _assert_matrix_free_dims_agree(c)
 
 
 def test_zero_padding_border_windows_break_corollary1() -> None:

@@ -58,7 +58,7 @@ def _log(msg: str) -> None:
     print(f"  fig5: {msg}", file=sys.stderr, flush=True)
 
 
-def _permute_fc1(model: nn.Module, seed: int = 0) -> nn.Module:
+def permute_fc1(model: nn.Module, seed: int = 0) -> nn.Module:
     """fc1's output units permuted; fc2's input columns permuted to match: the same function."""
     m = copy.deepcopy(model)
     perm = torch.randperm(m.fc1.out_features, generator=torch.Generator().manual_seed(seed))
@@ -130,7 +130,7 @@ def _variants(a: nn.Module, quick: bool, data_dir: str | None, x_eval: torch.Ten
     if torch.cuda.is_available():
         out.append(Variant("A, on CUDA", copy.deepcopy(a).to("cuda").eval(), "identical", "device move to CUDA",
                            device="cuda"))
-    out.append(Variant("A, fc1 units permuted", _permute_fc1(a), "identical",
+    out.append(Variant("A, fc1 units permuted", permute_fc1(a), "identical",
                        "fc1 rows+bias and fc2 columns permuted: same function, other weights"))
     t = time.perf_counter()
     for ep in (1, 5):
