@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +245,73 @@ def test_fingerprint_verify_rejects_a_tampered_file(capsys: pytest.CaptureFixtur
     fp.write_bytes(bytes(data))
     code, _, err = run(capsys, "fingerprint", "verify", str(fp), "fpmodels2:model_a", "--input-shape", "1,28,28")
     assert code == EXIT_USER_ERROR and "checksum" in one_error_line(err)
+
+
+def _write_pngs(folder, count: int, size: int = 28, mode: str = "L") -> None:  # noqa: ANN001
+    from PIL import Image
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"img{i}.png")
+
+
+def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
+        capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from harmless.privacy.job import load_privatized, read_image
+
+    (tmp_path / "pvmodels.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_pngs(tmp_path / "in", 3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    out = tmp_path / "out"
+    args = ["privatize", "pvmodels:model_a", str(tmp_path / "in"), "--out", str(out), "--input-shape", "1,28,28"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report["images"]] == ["privatised"] * 3
+    from pvmodels import model_a  # the same seeded model
+
+    model = model_a().double()
+    for rec in report["images"]:
+        x = read_image(Path(rec["source"]), (1, 28, 28)).unsqueeze(0)
+        x_hat = load_privatized(rec["exact"]).unsqueeze(0)
+        assert float(x_hat.min()) >= -1e-12 and float(x_hat.max()) <= 1 + 1e-12
+        with torch.no_grad():
+            assert torch.allclose(model(x_hat), model(x), rtol=0, atol=1e-11)
+        assert rec["png_output_deviation"] <= rec["png_output_deviation_naive"]
+    assert (out / "side_by_side.png").exists() and (out / "report.md").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
+    # resumed: nothing is redone
+    code, _, _ = run(capsys, *args)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report["images"]] == ["skipped (already done)"] * 3
+    # writing next to the inputs must not replace one of them
+    (tmp_path / "in" / "img0.privatized.png").write_bytes(b"precious")
+    code, _, err = run(capsys, "privatize", "pvmodels:model_a", str(tmp_path / "in"), "--out",
+                       str(tmp_path / "in"), "--input-shape", "1,28,28")
+    assert code == EXIT_USER_ERROR and "overwrite an input" in one_error_line(err)
+    assert (tmp_path / "in" / "img0.privatized.png").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("size, mode, words", [(32, "L", "expects 28x28"), (28, "RGB", "expects grayscale")])
+def test_privatize_bad_images(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, size: int, mode: str,
+                              words: str) -> None:  # noqa: ANN001
+    (tmp_path / "pvmodels2.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_pngs(tmp_path / "in", 1, size=size, mode=mode)
+    code, _, err = run(capsys, "privatize", "pvmodels2:model_a", str(tmp_path / "in"), "--out",
+                       str(tmp_path / "out"), "--input-shape", "1,28,28")
+    assert code == EXIT_USER_ERROR and words in one_error_line(err)
+
+
+def test_privatize_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "pvmodels3.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    code, _, err = run(capsys, "privatize", "pvmodels3:model_a", str(tmp_path / "broken.png"), "--out",
+                       str(tmp_path / "out"), "--input-shape", "1,28,28")
+    assert code == EXIT_USER_ERROR and "cannot read" in one_error_line(err)

@@ -176,6 +176,19 @@ def cmd_fingerprint_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.same else 1
 
 
+def cmd_privatize(args: argparse.Namespace) -> int:
+    from harmless.linalg.subspace import harmless_subspace
+    from harmless.privacy.job import privatize_files
+
+    model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
+                                 data_dir=args.data_dir)
+    space = harmless_subspace(model, shape)
+    report = privatize_files(space, args.inputs, args.out, method=args.method, decoy=args.decoy,
+                             batch_size=args.batch_size, seed=args.seed)
+    print(f"wrote {report} (and report.md, side_by_side.png, one .privatized.png/.safetensors per image)")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from harmless.experiments import run_experiment
 
@@ -262,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=cmd_analyze)
 
     _add_fingerprint_parser(sub)
+
+    pv = sub.add_parser("privatize", help="hide images behind harmless perturbations (same model output)")
+    pv.add_argument("model", metavar="MODEL", help="zoo spec, TorchScript file or package.module:factory")
+    pv.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    pv.add_argument("--out", required=True, help="output folder (never one of the inputs' files)")
+    pv.add_argument("--method", choices=["decoy", "paper"], default="decoy",
+                    help="decoy: the same-output image closest to a decoy (convex, exact); paper: Algorithm 1")
+    pv.add_argument("--decoy", default="grey", help="grey, noise, shift (another input) or an image file")
+    pv.add_argument("--batch-size", type=int, default=16)
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--weights", help="state-dict file for MODEL")
+    pv.add_argument("--input-shape", help="C,H,W for models outside the zoo")
+    pv.add_argument("--data-dir", help="user-supplied dataset folder")
+    pv.set_defaults(func=cmd_privatize)
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
     rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "fig5", "table2", "all"],

@@ -171,7 +171,7 @@ def run_fig3(out_dir: Path, *, quick: bool = False, data_dir: str | None = None)
         ax.set_xlabel("perturbation RMS per pixel (log; leftmost point: none)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the least-harmful panel has every model
     fig.suptitle("Test accuracy vs perturbation magnitude (float64; LeNet's prefix is injective: no harmless curve)")
     header = ["model", "perturbation"] + [f"{r:g}" for r in FIG3_MAGNITUDES]
     rows = [[label, kind] + [f"{100 * a:.2f}" for a in accs] for (label, kind), accs in curves.items()]
