@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import numpy as np
 import torch
 
