@@ -83,23 +83,35 @@ def _gap(sv: np.ndarray, rank: int) -> float:
     return float(sv[rank - 1] / sv[rank])
 
 
-def dense_svd_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT, bases: bool = True) -> RankResult:
-    """Rank, singular values and (optionally) orthonormal bases from the SVD of the matrix.
+def svd_rank(sv: np.ndarray, m: int, n: int) -> int:
+    """Singular values (descending) above ``sigma_max * max(m, n) * eps``: NumPy's
+    ``matrix_rank`` rule, the one every dense rank in ``harmless`` uses."""
+    if not sv.size:
+        return 0
+    return int(np.sum(sv > sv[0] * max(m, n) * np.finfo(np.float64).eps))
 
-    A tall matrix is first reduced to its ``n x n`` triangular factor ``R`` (same singular
-    values and right singular vectors, a fraction of the cost).
-    """
+
+def _reduced_matrix(op: TorchLinearOperator, limit: int) -> np.ndarray:
+    """The float64 matrix of ``op``; a tall one reduced to its ``n x n`` triangular factor ``R``
+    (same singular values and right singular vectors, a fraction of the SVD's cost)."""
+    if op.dtype != torch.float64:
+        op = op.astype(torch.float64)
     a = op.to_dense(limit=limit).to("cpu", torch.float64).numpy()
-    m, n = a.shape
-    if m > n:
-        a = scipy.linalg.qr(a, mode="r", overwrite_a=True, check_finite=False)[0][:n]
+    if a.shape[0] > a.shape[1]:
+        a = scipy.linalg.qr(a, mode="r", overwrite_a=True, check_finite=False)[0][: a.shape[1]]
+    return a
+
+
+def dense_svd_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT, bases: bool = True) -> RankResult:
+    """Rank, singular values and (optionally) orthonormal bases from the SVD of the matrix."""
+    m, n = op.m, op.n
+    a = _reduced_matrix(op, limit)
     if bases:
         # One SVD with all n right singular vectors: the last n - rank span the nullspace.
         _, sv, vt = scipy.linalg.svd(a, full_matrices=True, lapack_driver="gesdd", check_finite=False)
     else:
         sv, vt = scipy.linalg.svd(a, compute_uv=False, lapack_driver="gesdd", check_finite=False), None
-    tol = (sv[0] if sv.size else 0.0) * max(m, n) * np.finfo(np.float64).eps
-    rank = int(np.sum(sv > tol))
+    rank = svd_rank(sv, m, n)
     full_sv = np.zeros(n)
     full_sv[: sv.size] = sv
     result = RankResult(n=n, m=m, rank=rank, method="dense-svd", singular_values=full_sv, gap=_gap(full_sv, rank))
@@ -112,17 +124,15 @@ def dense_svd_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT,
 def right_singular_vectors(op: TorchLinearOperator, *, limit: int = DEFAULT_DENSE_LIMIT
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Singular values (descending) and the matching right singular vectors (rows) of the
-    matrix, ``min(m, n)`` of each; a tall matrix is reduced to its ``R`` factor first."""
-    if op.dtype != torch.float64:
-        op = op.astype(torch.float64)
-    a = op.to_dense(limit=limit).to("cpu", torch.float64).numpy()
-    if a.shape[0] > a.shape[1]:
-        a = scipy.linalg.qr(a, mode="r", overwrite_a=True, check_finite=False)[0][: a.shape[1]]
-    _, sv, vt = scipy.linalg.svd(a, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+    matrix, ``min(m, n)`` of each."""
+    _, sv, vt = scipy.linalg.svd(_reduced_matrix(op, limit), full_matrices=False, lapack_driver="gesdd",
+                                 check_finite=False)
     return sv, vt
 
 
-def _gram_tol(lam_max: float, size: int) -> float:
+def gram_tol(lam_max: float, size: int) -> float:
+    """The eigenvalue threshold for Gram matrices (wider than :func:`svd_rank`'s: squaring
+    the matrix halves the usable precision)."""
     return lam_max * size * np.finfo(np.float64).eps * 100
 
 
@@ -143,7 +153,7 @@ def _full_rank_certificate(op: TorchLinearOperator, gram: np.ndarray | None = No
     if lam_max_bound == 0.0:
         return None
     try:
-        scipy.linalg.cholesky(g - _gram_tol(lam_max_bound, size) * np.eye(size), lower=True, check_finite=False)
+        scipy.linalg.cholesky(g - gram_tol(lam_max_bound, size) * np.eye(size), lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
     side = "A^T A" if op.m >= op.n else "A A^T"
@@ -167,7 +177,7 @@ def gram_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_GRAM_LIMIT, bases
         lam, vec = lam[::-1], vec[:, ::-1]
     else:
         lam, vec = scipy.linalg.eigh(g, eigvals_only=True, check_finite=False)[::-1], None
-    tol = _gram_tol(max(float(lam[0]), 0.0), g.shape[0])
+    tol = gram_tol(max(float(lam[0]), 0.0), g.shape[0])
     rank = int(np.sum(lam > tol))
     sv = np.zeros(op.n)
     sv[: lam.size] = np.sqrt(np.clip(lam, 0.0, None))[: op.n]

@@ -20,7 +20,14 @@ from torch import nn
 from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
 from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, TorchLinearOperator
 from harmless.linalg.prefix import LinearRun, linear_run
-from harmless.linalg.rank import DEFAULT_GRAM_LIMIT, RankResult, analyze_rank, right_singular_vectors
+from harmless.linalg.rank import (
+    DEFAULT_GRAM_LIMIT,
+    RankResult,
+    analyze_rank,
+    gram_tol,
+    right_singular_vectors,
+    svd_rank,
+)
 from harmless.linalg.solvers import SolveInfo, row_space_component
 
 _DEFAULT_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
@@ -100,7 +107,7 @@ class HarmlessSubspace:
 
     @property
     def dim_method(self) -> str:
-        """``dense-svd``, ``gram-eigh``, ``structure`` or ``corollary1``."""
+        """``dense-svd``, ``gram-cholesky``, ``gram-eigh`` or ``structure`` (see :mod:`harmless.linalg.rank`)."""
         return self.rank_info.method
 
     @cached_property
@@ -303,7 +310,7 @@ def least_harmful(model: nn.Module | TorchLinearOperator, input_shape: Sequence[
     op, _ = _as_operator_and_run(model, shape, layer, dtype)
     if op.m * op.n <= dense_limit:
         sv, vt = right_singular_vectors(op, limit=dense_limit)
-        rank = int(np.sum(sv > sv[0] * max(op.m, op.n) * np.finfo(np.float64).eps)) if sv.size else 0
+        rank = svd_rank(sv, op.m, op.n)
         if k > rank:
             raise InputError(f"k = {k} exceeds the rank {rank} of the linear prefix")
         vecs = torch.as_tensor(vt[rank - k: rank][::-1].copy(), dtype=dtype, device=op.device)
@@ -333,7 +340,7 @@ def _least_harmful_iterative(op: TorchLinearOperator, k: int) -> torch.Tensor:
         lam, vec = eigsh(LinearOperator((size, size), matvec=mv, dtype=np.float64), k=want, which="SA", tol=1e-10)
         order = np.argsort(lam)
         lam, vec = lam[order], vec[:, order]
-    keep = lam > max(float(np.max(lam)), 0.0) * size * np.finfo(np.float64).eps * 100
+    keep = lam > gram_tol(max(float(np.max(lam)), 0.0), size)
     lam, vec = lam[keep], vec[:, keep]
     if lam.size < k:
         raise InputError(f"k = {k} exceeds the number of non-zero singular values found ({lam.size})")
