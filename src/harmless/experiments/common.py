@@ -16,6 +16,7 @@ from torch import nn
 
 from harmless.cache import atomic_write_bytes, atomic_write_text
 from harmless.linalg.subspace import HarmlessSubspace, least_harmful
+from harmless.metrics import accuracy  # noqa: F401  (re-exported for the experiments)
 
 #: The paper's magnitudes: epsilon, 2 epsilon, ..., 32 epsilon (RMS per input entry).
 MULTIPLIERS = (1, 2, 4, 8, 16, 32)
@@ -71,13 +72,6 @@ def output_rmse(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, clean: t
     pert = batched_outputs(model, x + delta, batch)
     diff = (pert - clean).reshape(x.shape[0], -1)
     return float((diff.norm(dim=1) / math.sqrt(diff.shape[1])).mean())
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)``."""
-    pred = batched_outputs(model, x, batch).argmax(dim=1)
-    return float((pred == y.to(pred.device)).double().mean())
 
 
 @dataclass

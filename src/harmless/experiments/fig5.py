@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmless.experiments.common import Table, provenance, save_figure, save_text
+from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
 from harmless.fingerprint import (
     DEFAULT_MAGNITUDE_RATIO,
     Fingerprint,
@@ -103,13 +103,12 @@ def _quantize(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8).eval()
 
 
-@torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> float:
+    """Accuracy with the inputs in the variant's own dtype and device (quantised models warn)."""
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pred = model(x.to(device=device, dtype=dtype)).argmax(dim=1).cpu()
-    return float((pred == y).double().mean())
+        return accuracy(model, x.to(device=device, dtype=dtype), y)
 
 
 def _variants(a: nn.Module, quick: bool, data_dir: str | None, x_eval: torch.Tensor,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmless.experiments.common import Table, provenance, save_figure, save_text
+from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
 
 PAPER = "Paper (CIFAR-10, ResNet-50): harmless SSIM 0.4719, LPIPS 0.2031, Δacc 0.00%; Gaussian N(0,0.1²) SSIM 0.6825, LPIPS 0.3007, Δacc 32.46%."
 
@@ -47,11 +47,6 @@ def _setting(name: str, n: int, data_dir: object) -> tuple[str, nn.Module, torch
     return name, model.double().eval(), x[:n], y[:n]
 
 
-@torch.no_grad()
-def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).double().mean())
-
-
 def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, tv_steps: int) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
     import harmless
     from harmless import metrics
@@ -62,7 +57,7 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
     proj = projector(space)
     _log(f"{name}: harmless dim {proj.dim} of {proj.n} ({time.time() - t0:.0f}s)")
-    base = _acc(model, x, y)
+    base = accuracy(model, x, y)
     rows = []
     images: dict[str, torch.Tensor] = {"original": x}
     gen = torch.Generator().manual_seed(0)
@@ -84,14 +79,14 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         images[label + " / TV attack"] = attacks.get("TV", attacks["box"])
         rows.append([name, label, f"{metrics.ssim(xh.clamp(0, 1), x).mean():.4f}",
                      f"{metrics.lpips(xh.float().clamp(0, 1), x.float()).mean():.4f}",
-                     f"{100 * (base - _acc(model, xh, y)):.2f}%", f"{float(r.mse.mean()):.2e}",
+                     f"{100 * (base - accuracy(model, xh, y)):.2f}%", f"{float(r.mse.mean()):.2e}",
                      f"{float(r.box_violation.max()):.1e}", f"{float(r.output_deviation.max()):.1e}",
                      " / ".join(f"{att[k]:.3f}" for k in ("min-norm", "box", "TV") if k in att),
-                     f"{100 * (base - _acc(model, q.naive, y)):.2f}% / {100 * (base - _acc(model, q.improved, y)):.2f}%"])
+                     f"{100 * (base - accuracy(model, q.naive, y)):.2f}% / {100 * (base - accuracy(model, q.improved, y)):.2f}%"])
         _log(f"{name}: {label} done ({time.time() - t0:.0f}s)")
     g = (x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
     rows.append([name, "Gaussian N(0, 0.1²), clipped", f"{metrics.ssim(g, x).mean():.4f}",
-                 f"{metrics.lpips(g.float(), x.float()).mean():.4f}", f"{100 * (base - _acc(model, g, y)):.2f}%",
+                 f"{metrics.lpips(g.float(), x.float()).mean():.4f}", f"{100 * (base - accuracy(model, g, y)):.2f}%",
                  f"{float(((g - x) ** 2).mean()):.2e}", "0", "-", "-", "-"])
     return rows, images
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from harmless.errors import InputError
 
-__all__ = ["ssim", "psnr", "delta_accuracy", "lpips"]
+__all__ = ["ssim", "psnr", "accuracy", "delta_accuracy", "lpips"]
 
 
 def _pair(a: object, b: object) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +59,12 @@ def psnr(a: object, b: object) -> np.ndarray:
 
 
 @torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, evaluated in batches."""
+    pred = torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)]).argmax(dim=1)
+    return float((pred.cpu() == y.cpu()).double().mean())
+
+
 def delta_accuracy(model: nn.Module, x: torch.Tensor, x_new: torch.Tensor, y: torch.Tensor,
                    batch: int = 500) -> float:
     """``acc(model, x) - acc(model, x_new)`` (top-1, labels ``y``): the accuracy lost by the change."""
@@ -66,12 +72,7 @@ def delta_accuracy(model: nn.Module, x: torch.Tensor, x_new: torch.Tensor, y: to
         raise InputError(f"x and x_new differ in shape: {tuple(x.shape)} vs {tuple(x_new.shape)}")
     if y.shape[0] != x.shape[0]:
         raise InputError(f"y has {y.shape[0]} labels for {x.shape[0]} images")
-
-    def acc(z: torch.Tensor) -> float:
-        pred = torch.cat([model(z[i:i + batch]) for i in range(0, z.shape[0], batch)]).argmax(dim=1)
-        return float((pred.cpu() == y.cpu()).double().mean())
-
-    return acc(x) - acc(x_new)
+    return accuracy(model, x, y, batch) - accuracy(model, x_new, y, batch)
 
 
 def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex") -> np.ndarray:
