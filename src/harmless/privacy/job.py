@@ -62,24 +62,16 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def read_image(path: Path, input_shape: Sequence[int]) -> torch.Tensor:
     """One image as float64 ``(C, H, W)`` in [0, 1], checked against the model's input shape."""
+    from harmless.data.formats import read_image as read_uint8
+
     channels, height, width = (int(s) for s in input_shape)
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            if mode not in ("L", "RGB", "RGBA", "P", "LA", "I;16", "1"):
-                raise InputError(f"{path}: unsupported image mode {mode}")
-            gray = mode in ("L", "LA", "1", "I;16")
-            if channels == 3 and gray:
-                raise InputError(f"{path}: a grayscale image, but the model expects RGB (3 channels)")
-            if channels == 1 and not gray:
-                raise InputError(f"{path}: an RGB image, but the model expects grayscale (1 channel)")
-            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float64) / 255.0
-    except (OSError, SyntaxError) as exc:
-        raise InputError(f"{path}: cannot read the image ({exc})") from exc
-    if arr.shape[:2] != (height, width):
-        raise InputError(f"{path}: the image is {arr.shape[1]}x{arr.shape[0]}, the model expects {width}x{height}")
-    t = torch.as_tensor(arr)
-    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+    arr = read_uint8(path)  # its natural mode: grayscale or RGB
+    if arr.shape[0] != channels:
+        have, want = ("grayscale", "RGB (3 channels)") if arr.shape[0] == 1 else ("RGB", "grayscale (1 channel)")
+        raise InputError(f"{path}: a {have} image, but the model expects {want}")
+    if arr.shape[1:] != (height, width):
+        raise InputError(f"{path}: the image is {arr.shape[2]}x{arr.shape[1]}, the model expects {width}x{height}")
+    return torch.as_tensor(arr, dtype=torch.float64) / 255.0
 
 
 def _png_bytes(img: torch.Tensor) -> bytes:
