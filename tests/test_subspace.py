@@ -178,6 +178,18 @@ def test_dim_conv_bn_with_duplicated_kernels_float32() -> None:
 # =======================================================================================
 # 3. project / decompose / harmful residual against the oracle
 # =======================================================================================
+def _assert_projects_like_oracle(c: Case, delta: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> None:
+    """``got`` equals the oracle projector applied to ``delta``, and its harmful residual
+    ``||A P d|| / (||A|| ||d||)``, measured with the oracle's matrix, is at round-off."""
+    want = oracle.flat(delta) @ c.p
+    dn = np.linalg.norm(oracle.flat(delta), axis=1)
+    err = np.linalg.norm(oracle.flat(got) - want, axis=1) / dn
+    assert np.all(err <= proj_tol(c.kappa, dtype)), (err, c.kappa)
+    if c.norm > 0:
+        res = np.linalg.norm(oracle.flat(got) @ c.a.T, axis=1) / (c.norm * dn)
+        assert np.all(res <= (1e-12 if dtype == F64 else 1e-5)), res
+
+
 @engine_settings(100)
 @given(cfg=oracle.layer_configs(), dtype=st.sampled_from([F64, F32]), seed=st.integers(0, 10_000))
 def test_project_matches_oracle_projector(cfg: LayerConfig, dtype: torch.dtype, seed: int) -> None:
@@ -189,16 +201,10 @@ def test_project_matches_oracle_projector(cfg: LayerConfig, dtype: torch.dtype, 
     delta = oracle.random_batch(c.shape, 3, seed=seed)
     got = space.project(delta)
     assert got.shape == delta.shape and got.dtype == dtype
-    want = oracle.flat(delta) @ c.p
-    dn = np.linalg.norm(oracle.flat(delta), axis=1)
-    err = np.linalg.norm(oracle.flat(got) - want, axis=1) / dn
-    assert np.all(err <= proj_tol(c.kappa, dtype)), (err, c.kappa)
-    # harmful residual ||A P d|| / (||A|| ||d||), measured with the oracle's matrix
-    if c.norm > 0:
-        res = np.linalg.norm(oracle.flat(got) @ c.a.T, axis=1) / (c.norm * dn)
-        assert np.all(res <= (1e-12 if dtype == F64 else 1e-5)), res
+    _assert_projects_like_oracle(c, delta, got, dtype)
     # projecting twice changes nothing
     again = space.project(got)
+    dn = np.linalg.norm(oracle.flat(delta), axis=1)
     assert np.all(np.linalg.norm(oracle.flat(again - got), axis=1) / dn <= proj_tol(c.kappa, dtype))
 
 
@@ -397,13 +403,7 @@ def test_matrix_free_project_matches_oracle_float64(cfg: LayerConfig, seed: int)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionWarning)
         got = space.project(delta)
-    want = oracle.flat(delta) @ c.p
-    dn = np.linalg.norm(oracle.flat(delta), axis=1)
-    err = np.linalg.norm(oracle.flat(got) - want, axis=1) / dn
-    assert np.all(err <= proj_tol(c.kappa, F64)), (err, c.kappa)
-    if c.norm > 0:
-        res = np.linalg.norm(oracle.flat(got) @ c.a.T, axis=1) / (c.norm * dn)
-        assert np.all(res <= 1e-12), res
+    _assert_projects_like_oracle(c, delta, got, F64)
 
 
 @engine_settings(20)
