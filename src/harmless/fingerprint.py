@@ -54,7 +54,8 @@ from torch import nn
 
 from harmless.cache import atomic_path
 from harmless.errors import HarmlessError, InputError, NoHarmlessSubspaceError
-from harmless.linalg.operators import DEFAULT_DENSE_LIMIT
+from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, MatrixOperator
+from harmless.linalg.rank import dense_svd_rank, svd_rank
 from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
 
 __all__ = [
@@ -266,13 +267,9 @@ def _prefix_matrix(space: HarmlessSubspace, limit: int) -> np.ndarray:
 
 
 def _null_rows(a: np.ndarray) -> np.ndarray:
-    """Orthonormal rows spanning the nullspace of ``a``, with the usual SVD rank tolerance
-    ``sigma_max * max(m, n) * eps`` (as :func:`harmless.linalg.rank.dense_svd_rank`)."""
-    m, n = a.shape
-    _, sv, vt = scipy.linalg.svd(a, full_matrices=True, lapack_driver="gesdd", check_finite=False)
-    tol = (sv[0] if sv.size else 0.0) * max(m, n) * np.finfo(np.float64).eps
-    rank = int(np.sum(sv > tol))
-    return vt[rank:]
+    """Orthonormal rows spanning the nullspace of ``a``: the engine's dense SVD rank."""
+    info = dense_svd_rank(MatrixOperator(torch.from_numpy(a)), limit=max(a.size, 1), bases=True)
+    return info.null_basis
 
 
 def intersection_basis(models: Sequence[nn.Module], input_shape: Sequence[int], *,
@@ -338,7 +335,7 @@ def _exclusion(model: nn.Module, exclude: Sequence[nn.Module], shape: tuple[int,
         stacked = np.vstack([p for p in pieces if p.shape[0]])
         # Orthonormal basis of the sum of the intersections (they may overlap).
         u, sv, _ = scipy.linalg.svd(stacked.T, full_matrices=False, check_finite=False)
-        s_rows = u[:, sv > sv[0] * max(stacked.shape) * np.finfo(np.float64).eps].T
+        s_rows = u[:, :svd_rank(sv, *stacked.shape)].T
     else:
         s_rows = np.zeros((0, a.shape[1]))
     # Work in N(A)'s coordinates: the excluded subspace S lies inside N(A), so its coordinates
