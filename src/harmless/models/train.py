@@ -198,7 +198,7 @@ def train_loop(
         raise InputError(f"unknown schedule {config.schedule!r}; valid: none, cosine")
     gen = torch.Generator().manual_seed(seed)
     with tqdm(
-        total=total, desc=desc, unit="batch", file=sys.stderr, disable=not progress, leave=False
+        total=total, desc=desc, unit="batch", file=sys.stderr, disable=None if progress else True, leave=False
     ) as bar:
         for epoch in range(epochs):
             order = torch.randperm(n, generator=gen)
