@@ -79,3 +79,32 @@ def test_main_job_quick(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  
     assert "harmless subspace: dim 528 of 784" in out
     assert "0 of 1000 predictions changed" in out
     assert (tmp_path / "harmless_mnist.png").stat().st_size > 10_000
+
+
+def test_table2_rows_on_a_tiny_untrained_model() -> None:
+    """Every harmless row keeps the model's decisions (Δacc exactly 0), stays in the box, and
+    reports a solver certificate; the Gaussian row is the only one that may change accuracy."""
+    from harmless.experiments.table2 import _run_setting
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 24), torch.nn.ReLU(),
+                                torch.nn.Linear(24, 3)).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    x[:, :, :2] = 0.0  # a black band, as on MNIST
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x0 = x.clone()
+    rows, images = _run_setting("tiny", model, x, y, tv_steps=5, paper_steps=20)
+    assert torch.equal(x, x0)
+    assert len(rows) == 4 and all(len(r) == 11 for r in rows)
+    for row in rows[:3]:
+        assert row[4] == "0.00%"  # Δacc of the float outputs
+        assert float(row[6]) <= 1e-12 and float(row[7]) <= 1e-12  # box violation, ‖A(x̂−x)‖
+        assert 0.0 <= float(row[2]) <= 1.0
+        converged = float(row[10].split("%")[0])
+        assert 0.0 <= converged <= 100.0
+    assert rows[3][1].startswith("Gaussian")
+    for key, img in images.items():
+        assert img.shape == x.shape, key
+        assert float(img.min()) >= -1e-12 and float(img.max()) <= 1 + 1e-12, key

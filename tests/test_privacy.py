@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from scipy.optimize import minimize
 from torch import nn
@@ -107,3 +109,37 @@ def test_audit_attacks_stay_in_the_indistinguishable_set():
     assert float(rec.min()) >= -1e-12 and float(rec.max()) <= 1 + 1e-12
     with torch.no_grad():
         assert torch.allclose(model(rec), model(x), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(8, 40), frac=st.floats(0.2, 0.95), pinned=st.floats(0.0, 0.8), seed=st.integers(0, 10_000))
+def test_projection_matches_generic_solver_on_degenerate_boxes(n, frac, pinned, seed):
+    """MNIST-like anchors (many pixels exactly at 0 or 1) make the QP degenerate; the result must
+    still be feasible, harmless, at least as good as SciPy's SLSQP, and within its own certified
+    distance bound of SLSQP's answer."""
+    m = max(1, int(frac * n))
+    gen = torch.Generator().manual_seed(seed)
+    model, space = _tiny(seed=seed, n=n, m=m)
+    x = torch.rand(1, n, generator=gen, dtype=torch.float64)
+    k = int(pinned * n)
+    x[0, :k] = (torch.rand(k, generator=gen, dtype=torch.float64) > 0.8).double()
+    t = torch.rand(1, n, generator=gen, dtype=torch.float64) * 1.4 - 0.2
+    y, info = project_affine_box(space, x, t)
+    assert float(y.min()) >= -1e-12 and float(y.max()) <= 1 + 1e-12
+    a_np = model[0].weight.detach().numpy()
+    # output change relative to the input's scale (y == x up to rounding is fine too)
+    deviation = np.linalg.norm(a_np @ (y[0] - x[0]).numpy())
+    assert deviation <= 1e-12 * np.linalg.norm(a_np, 2) * max(1.0, float(x.norm()))
+    a = model[0].weight.detach().numpy()
+    xk, tk = x[0].numpy(), t[0].numpy()
+    ref = minimize(lambda v: 0.5 * ((v - tk) ** 2).sum(), xk, jac=lambda v: v - tk, method="SLSQP",
+                   constraints=[{"type": "eq", "fun": lambda v: a @ (v - xk), "jac": lambda v: a}],
+                   bounds=[(0, 1)] * n, options={"ftol": 1e-15, "maxiter": 3000})
+    ours = 0.5 * ((y[0].numpy() - tk) ** 2).sum()
+    ref_feasible = np.abs(a @ (ref.x - xk)).max() < 1e-8 and ref.x.min() > -1e-9 and ref.x.max() < 1 + 1e-9
+    if ref_feasible:
+        assert float(ours - ref.fun) <= float(info.gap[0]) + 1e-8  # the gap bounds the suboptimality
+        if bool(info.converged[0]):
+            assert ours <= ref.fun + 1e-8
+        assert np.abs(y[0].numpy() - ref.x).max() <= float(info.distance_bound[0]) + 1e-4
+    assert float(info.gap[0]) >= -1e-9

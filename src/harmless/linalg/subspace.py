@@ -111,6 +111,17 @@ class HarmlessSubspace:
         return self.rank_info.method
 
     @cached_property
+    def _known_injective(self) -> bool:
+        """``rank == n`` when an exact rank method fits; ``False`` when none does (``n > m``
+        operators then still have a nullspace; otherwise the matrix-free methods simply find none)."""
+        if self.operator.n > self.operator.m:
+            return False  # rank <= m < n: never injective, no rank needed
+        try:
+            return self.dim == 0
+        except TooLargeError:
+            return False
+
+    @cached_property
     def _factorization(self) -> RankResult | None:
         """A dense SVD with orthonormal bases, when the matrix is small enough (else CGLS)."""
         if self.operator.m * self.operator.n > self._dense_limit or self._method not in ("auto", "dense"):
@@ -153,7 +164,7 @@ class HarmlessSubspace:
     # -- the algorithms ------------------------------------------------------------------
     def _harmful(self, d: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection onto the row space of A (the harmful part), validated input."""
-        if self.dim == 0:
+        if self._known_injective:
             return d.clone()  # injective: every direction is harmful, no factorisation needed
         basis = self._row_basis
         if basis is not None:
@@ -194,7 +205,7 @@ class HarmlessSubspace:
         """``n`` random harmless perturbations of unit L2 norm, uniform on the subspace's sphere."""
         if not _is_int(n) or n < 1:
             raise InputError(f"n must be a positive int, got {n!r}")
-        if self.dim == 0:
+        if self._known_injective:
             raise NoHarmlessSubspaceError(self._injective_message())
         gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
         out = torch.empty(n, *self.input_shape, dtype=self.dtype, device=self.operator.device)
@@ -206,12 +217,20 @@ class HarmlessSubspace:
             p_norm = p.reshape(len(todo), -1).norm(dim=1)
             # A draw (almost) inside the row space leaves a harmless part dominated by round-off:
             # draw again rather than normalise noise.
-            ok = p_norm > 1e-3 * g.reshape(len(todo), -1).norm(dim=1) * math.sqrt(self.dim / self.ambient_dim)
+            ok = p_norm > 1e-3 * g.reshape(len(todo), -1).norm(dim=1) * math.sqrt(self._dim_lower_bound / self.ambient_dim)
             out[todo[ok.cpu()]] = p[ok] / p_norm[ok].view(-1, *([1] * len(self.input_shape)))
             todo = todo[~ok.cpu()]
             if len(todo) == 0:
                 return out
         raise NoHarmlessSubspaceError("could not draw harmless perturbations: every draw lay in the row space")
+
+    @property
+    def _dim_lower_bound(self) -> int:
+        """``dim`` when an exact rank method fits, else ``n - m`` (at least 1)."""
+        try:
+            return self.dim
+        except TooLargeError:
+            return max(1, self.ambient_dim - self.output_dim)
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""

@@ -75,8 +75,10 @@ def delta_accuracy(model: nn.Module, x: torch.Tensor, x_new: torch.Tensor, y: to
     return accuracy(model, x, y, batch) - accuracy(model, x_new, y, batch)
 
 
-def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex") -> np.ndarray:
-    """Per-image LPIPS (v0.1 heads; ``net`` ``"alex"`` or ``"vgg"``); see :mod:`harmless.metrics.perceptual`."""
+def lpips(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, net: str = "alex") -> np.ndarray:
+    """Per-image LPIPS (v0.1 heads; ``net`` ``"alex"`` or ``"vgg"``) of images in ``[0, 1]``; 0 for
+    identical images, symmetric. Bad shapes, non-finite values or an unknown ``net`` raise
+    :class:`~harmless.errors.InputError`; see :mod:`harmless.metrics.perceptual`."""
     from harmless.metrics.perceptual import lpips as _lpips
 
     return _lpips(a, b, net)

@@ -151,9 +151,13 @@ class ProjectionInfo:
     """Per-sample diagnostics of :func:`project_affine_box`.
 
     ``gap``: primal objective ``1/2 ||y - t||^2`` of the returned feasible ``y`` minus the dual
-    objective of the last multiplier (>= 0, up to rounding: an upper bound on the suboptimality);
+    objective of the last multiplier (>= 0 up to rounding: an upper bound on the suboptimality);
     ``rel_gap``: gap / max(primal, 1e-30); ``infeasibility``: ``||(I-P)(y(mu) - anchor)||`` of the
-    dual iterate before repair; ``shrink``: the factor the final repair scaled the harmless part by (1: none needed); ``iterations``: how many dual steps ran.
+    dual iterate before repair, relative to ``max(1, ||anchor||)``; ``shrink``: the factor the
+    final repair scaled the harmless part by (1: none needed); ``iterations``: Newton steps run;
+    ``converged``: per sample, did the infeasibility reach the tolerance;
+    ``distance_bound``: ``sqrt(2 max(gap, 0))``, a certified bound on the distance from the
+    returned point to the exact projection (the objective is 1-strongly convex).
     """
 
     gap: torch.Tensor
@@ -161,33 +165,49 @@ class ProjectionInfo:
     infeasibility: torch.Tensor
     shrink: torch.Tensor
     iterations: int
+    converged: torch.Tensor
+
+    @property
+    def distance_bound(self) -> torch.Tensor:
+        return torch.sqrt(2.0 * self.gap.clamp_min(0.0))
 
 
 
 
-def _repair(proj: Projector, anchor: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Make ``y`` feasible: project it onto ``anchor + N(A)``, then shrink the harmless part
-    towards ``anchor`` (which is in the box) by the largest ``theta <= 1`` that keeps every pixel
-    in ``[-1e-12, 1 + 1e-12]``. The result is in ``[0, 1]`` to 1e-12 and harmless up to round-off
-    (no clipping). When the solver has converged ``theta`` is 1."""
+def _repair(proj: Projector, anchor: torch.Tensor, y: torch.Tensor,
+            rounds: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make ``y`` feasible without clipping: alternate projections onto ``anchor + N(A)`` and the
+    box (they move ``y`` by about its infeasibility, and converge linearly for polyhedra), then
+    shrink the harmless part towards ``anchor`` (which is in the box) by the largest
+    ``theta <= 1`` that keeps every pixel in ``[-1e-12/2, 1 + 1e-12/2]``; half the allowance is
+    left for the rounding of ``anchor + theta d``. The result is harmless up to round-off.
+    Shrinking alone would do, but with ``anchor`` on the box boundary (MNIST's black pixels) a
+    violation of 1e-12 could cost most of the harmless part; the alternating projections avoid
+    that. When the solver has converged nothing moves and ``theta`` is 1."""
+    margin = 0.5 * _EPS_BOX
     d = proj.harmless(y - anchor)
+    for _ in range(rounds):
+        out = anchor + d
+        if float(box_violation(out).max()) <= margin:
+            break
+        d = proj.harmless(out.clamp(0.0, 1.0) - anchor)
     inf = torch.full_like(d, math.inf)
-    up = torch.where(d > 0, (1.0 + _EPS_BOX - anchor) / d, inf)
-    lo = torch.where(d < 0, (-_EPS_BOX - anchor) / d, inf)
+    up = torch.where(d > 0, (1.0 + margin - anchor) / d, inf)
+    lo = torch.where(d < 0, (-margin - anchor) / d, inf)
     theta = torch.minimum(up.amin(dim=1), lo.amin(dim=1)).clamp(0.0, 1.0)
-    out = anchor + theta[:, None] * d
-    return out, theta
+    return anchor + theta[:, None] * d, theta
 
 
 def project_affine_box(space: HarmlessSubspace | Projector, anchor: torch.Tensor, target: torch.Tensor, *,
-                       warm: int = 300, newton: int = 25) -> tuple[torch.Tensor, ProjectionInfo]:
+                       tol: float = 1e-13, max_iter: int = 200) -> tuple[torch.Tensor, ProjectionInfo]:
     """The nearest point to ``target`` in ``{anchor + N(A)} ∩ [0, 1]^n``, per sample.
 
-    ``anchor`` must lie in ``[0, 1]^n`` (so the set is non-empty). Solves the dual
-    ``max_mu  min_{0<=y<=1} 1/2||y - t||^2 + mu.(y - anchor)``, ``mu`` in the row space: ``warm`` steps of FISTA with adaptive restart (the dual
-    gradient ``(I - P)(y(mu) - anchor)`` is 1-Lipschitz), then up to ``newton`` semismooth Newton steps
-    whose directions are exact active-set solves. The result is in ``[0, 1]`` and harmless up to
-    round-off (see :func:`_repair`); ``info.gap`` bounds its suboptimality.
+    ``anchor`` must lie in ``[0, 1]^n`` (so the set is non-empty). Solves the dual problem
+    ``max_mu  min_{0<=y<=1} 1/2||y - t||^2 + mu.(y - anchor)`` (``mu`` in the row space of ``A``)
+    by a regularised semismooth Newton method (see :func:`_project_flat`) until the dual iterate's
+    violation of the harmless constraint is below ``tol`` relative to ``max(1, ||anchor||)``. The
+    result is in ``[0, 1]`` and harmless up to round-off (see :func:`_repair`); ``info.gap``
+    bounds its suboptimality and ``info.converged`` says which samples met ``tol``.
     Returns images shaped ``(B, *input_shape)`` and a :class:`ProjectionInfo`.
     """
     proj = projector(space)
@@ -195,7 +215,9 @@ def project_affine_box(space: HarmlessSubspace | Projector, anchor: torch.Tensor
     t = _images(proj, target, "target", box=False).reshape(-1, proj.n)
     if t.shape[0] != a.shape[0]:
         raise InputError(f"target has {t.shape[0]} samples but anchor has {a.shape[0]}")
-    y, info = _project_flat(proj, a, t, warm=warm, newton=newton)
+    _check_positive(tol, "tol")
+    _check_positive(max_iter, "max_iter", integer=True)
+    y, info = _project_flat(proj, a, t, tol=tol, max_iter=max_iter)
     return y.reshape(-1, *proj.input_shape), info
 
 
@@ -203,133 +225,94 @@ def _dual_value(y: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, a: torch.Ten
     return 0.5 * ((y - t) ** 2).sum(1) + (mu * (y - a)).sum(1)
 
 
-def _fista_from(proj: Projector, a: torch.Tensor, t: torch.Tensor, mu0: torch.Tensor, iters: int) -> torch.Tensor:
-    """``iters`` steps of FISTA with adaptive restart on the dual from ``mu0``; returns the best ``mu``."""
-    b = a.shape[0]
-    mu = mu0.clone()
-    nu = mu.clone()
-    tk = torch.ones(b, dtype=torch.float64)
-    q_best = torch.full((b,), -math.inf, dtype=torch.float64)
-    mu_best = mu.clone()
-    for _ in range(iters):
-        y_nu = (t - nu).clamp(0.0, 1.0)
-        mu_new = nu + proj.harmful(y_nu - a)
-        y_new = (t - mu_new).clamp(0.0, 1.0)
-        q_new = _dual_value(y_new, t, mu_new, a)
-        worse = q_new < q_best
-        mu_best = torch.where(worse[:, None], mu_best, mu_new)
-        q_best = torch.where(worse, q_best, q_new)
-        tk_next = (1.0 + torch.sqrt(1.0 + 4.0 * tk ** 2)) / 2.0
-        beta = ((tk - 1.0) / tk_next)[:, None]
-        nu = mu_new + beta * (mu_new - mu)
-        nu = torch.where(worse[:, None], mu_best, nu)
-        mu = torch.where(worse[:, None], mu_best, mu_new)
-        tk = torch.where(worse, torch.ones_like(tk), tk_next)
-    return mu_best
-
-
-def _active_solve_row(proj: Projector, a: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
-                      chunk: int = 64) -> torch.Tensor:
-    """The equality-constrained QP for the active set read off ``z = t - mu`` (pixels with
-    ``z < 0`` fixed at 0, ``z > 1`` at 1), solved through the row space: returns the new ``mu``."""
-    r = proj.row
-    out = torch.empty_like(t)
-    for s in range(0, a.shape[0], chunk):
-        zs, ts, as_ = z[s:s + chunk], t[s:s + chunk], a[s:s + chunk]
-        free = ((zs >= 0) & (zs <= 1)).to(torch.float64)
-        bound = (zs > 1).to(torch.float64)
-        m = torch.einsum("rn,bn,sn->brs", r, free, r)
-        rhs = (free * ts + (1 - free) * bound - as_) @ r.T
-        lam = torch.linalg.lstsq(m, rhs.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
-        out[s:s + chunk] = lam @ r
-    return out
-
-
-def _active_solve_null(proj: Projector, a: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """As :func:`_active_solve_row`, through the null space (cheaper when ``dim < rank``), one
-    sample at a time: returns ``z`` of the solution (``y`` plus the bound multipliers)."""
-    n_basis = proj.null  # (d, n)
-    out = torch.empty_like(t)
-    for k in range(a.shape[0]):
-        zk, tk, ak = z[k], t[k], a[k]
-        act = (zk < 0) | (zk > 1)
-        bvals = (zk > 1).to(torch.float64)
-        c0 = n_basis @ (tk - ak)
-        if not bool(act.any()):
-            y = ak + c0 @ n_basis
-            out[k] = y
-            continue
-        na = n_basis[:, act]  # (d, |A|)
-        e = bvals[act] - ak[act]
-        delta = torch.linalg.lstsq(na.T, (e - na.T @ c0).unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
-        c = c0 + delta
-        y = ak + c @ n_basis
-        y[act] = bvals[act]
-        nu = torch.linalg.lstsq(na, (-delta).unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
-        zz = y.clone()
-        zz[act] = bvals[act] + nu
-        out[k] = zz
-    return out
-
-
-def _project_flat(proj: Projector, a: torch.Tensor, t: torch.Tensor, *, warm: int = 300,
-                  newton: int = 25) -> tuple[torch.Tensor, ProjectionInfo]:
-    """Dual FISTA warm start (``warm`` steps), then a semismooth Newton method on the dual with
-    backtracking: the Newton direction is the exact solution of the equality-constrained QP of the
-    current active set (pixels with ``t - mu`` outside ``[0, 1]`` fixed at the bound), the step
-    the largest of 1, 1/2, ... that increases the dual. Once the active set is right a full step
-    solves the problem exactly. Finally made feasible by :func:`_repair` (exact when converged;
-    otherwise a feasible point whose suboptimality is bounded by the reported duality gap)."""
-    mu = _fista_from(proj, a, t, torch.zeros_like(t), warm)
-    q = _dual_value((t - mu).clamp(0.0, 1.0), t, mu, a)
-    use_row = proj.rank <= proj.dim
-    todo = torch.arange(a.shape[0])
-    it = 0
-    for it in range(1, newton + 1):
-        if todo.numel() == 0:
+def _cg(matvec, rhs: torch.Tensor, rtol: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """Batched conjugate gradients for SPD systems, each row to its own relative tolerance.
+    (SciPy's ``cg`` solves one system at a time; here thousands of small systems share every
+    matrix product, which is what makes the batch fast.)"""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rs = (r * r).sum(1)
+    stop = (rtol * rhs.norm(dim=1)) ** 2
+    for _ in range(max_iter):
+        live = rs > stop
+        if not bool(live.any()):
             break
-        at, tt, mt = a[todo], t[todo], mu[todo]
-        z = tt - mt
-        if use_row:
-            target = _active_solve_row(proj, at, tt, z)
-        else:
-            target = proj.harmful(tt - _active_solve_null(proj, at, tt, z))
-        step = target - mt
-        alpha = torch.ones(todo.numel(), dtype=torch.float64)
+        ap = matvec(p)
+        curv = (p * ap).sum(1)
+        alpha = torch.where(live & (curv > 0), rs / curv.clamp_min(1e-300), torch.zeros_like(rs))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        rs_new = (r * r).sum(1)
+        beta = torch.where(live, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
+        p = r + beta[:, None] * p
+        rs = torch.where(live, rs_new, rs)
+    return x
+
+
+def _project_flat(proj: Projector, a: torch.Tensor, t: torch.Tensor, *, tol: float = 1e-13,
+                  max_iter: int = 200) -> tuple[torch.Tensor, ProjectionInfo]:
+    """Projection of flat targets ``t`` onto ``{a + N(A)} ∩ [0, 1]^n`` by a regularised
+    semismooth Newton method on the dual, all samples at once.
+
+    The dual function ``q(mu) = min_{0<=y<=1} 1/2||y - t||^2 + mu.(y - a)`` (``mu`` in the row
+    space, ``y(mu) = clip(t - mu)``) is concave with gradient ``Q (y(mu) - a)``, ``Q = I - P``,
+    and generalised Hessian ``-Q D Q``, ``D`` the pixels where ``t - mu`` is strictly inside
+    ``(0, 1)``. Each step solves ``(Q D Q + eps I) v = Q (y - a)`` on the row space by batched CG
+    (``eps`` shrinks with the residual, so the step becomes Newton's and converges fast; it also
+    keeps the system definite when a whole direction is pinned at the bounds, as on MNIST's black
+    background) and takes the largest of 1, 1/2, ... that satisfies Armijo's ascent condition.
+    Because ``y(mu)`` minimises the Lagrangian, the dual iterate is optimal once it is feasible:
+    the loop stops at ``||Q (y - a)|| <= tol * max(1, ||a||)``. Finally :func:`_repair` makes the
+    point exactly feasible; its duality gap is the certificate."""
+    b = a.shape[0]
+    scale = a.norm(dim=1).clamp_min(1.0)
+    mu = torch.zeros_like(t)
+    z = t.clone()
+    y = z.clamp(0.0, 1.0)
+    grad = proj.harmful(y - a)
+    q = _dual_value(y, t, mu, a)
+    res = grad.norm(dim=1)
+    it = 0
+    for it in range(1, max_iter + 1):
+        todo = torch.nonzero(res > tol * scale).flatten()
+        if todo.numel() == 0:
+            it -= 1
+            break
+        zt, gt, rel = z[todo], grad[todo], (res[todo] / scale[todo])
+        free = ((zt > 0) & (zt < 1)).to(t.dtype)
+        eps = rel.clamp(1e-12, 1e-2)[:, None]
+        v = _cg(lambda p: proj.harmful(free * p) + eps * p, gt, rel.clamp(1e-12, 0.1), 500)
+        # v can be huge along nearly pinned directions; its round-off must not leak a harmless
+        # component into mu, or q(mu) stops being a lower bound
+        v = proj.harmful(v)
+        slope = (gt * v).sum(1)
+        at, tt, mt, qt = a[todo], t[todo], mu[todo], q[todo]
+        alpha = torch.ones(todo.numel(), dtype=t.dtype)
         accepted = torch.zeros(todo.numel(), dtype=torch.bool)
-        q_old = q[todo]
-        inf_old = proj.harmful(z.clamp(0.0, 1.0) - at).norm(dim=1)
-        new_mu = mt.clone()
-        new_q = q_old.clone()
-        for _ in range(30):
-            cand = mt + alpha[:, None] * step
-            yc = (tt - cand).clamp(0.0, 1.0)
-            qc = _dual_value(yc, tt, cand, at)
-            # ascent on the dual, or (near the optimum, where q is flat to round-off) a halving
-            # of the constraint violation
-            closer = proj.harmful(yc - at).norm(dim=1) <= 0.5 * inf_old
-            ok = ((qc >= q_old - 1e-15 * q_old.abs().clamp_min(1.0)) | closer) & ~accepted
-            new_mu[ok] = cand[ok]
-            new_q[ok] = qc[ok]
+        new_mu, new_q = mt.clone(), qt.clone()
+        for _ in range(40):
+            cand = mt + alpha[:, None] * v
+            qc = _dual_value((tt - cand).clamp(0.0, 1.0), tt, cand, at)
+            # Armijo, with a round-off allowance: near the optimum q is flat to machine precision
+            ok = (qc >= qt + 1e-4 * alpha * slope - 1e-15 * qt.abs().clamp_min(1.0)) & ~accepted
+            new_mu[ok], new_q[ok] = cand[ok], qc[ok]
             accepted |= ok
             if bool(accepted.all()):
                 break
             alpha = torch.where(accepted, alpha, alpha / 2)
-        mu[todo] = new_mu
-        q[todo] = new_q
-        y = (t[todo] - mu[todo]).clamp(0.0, 1.0)
-        infeas = proj.harmful(y - at).norm(dim=1)
-        scale = at.norm(dim=1).clamp_min(1.0)
-        fin = (infeas <= 1e-13 * scale) | ~accepted
-        todo = todo[~fin]
-    z = t - mu
-    infeas = proj.harmful(z.clamp(0, 1) - a).norm(dim=1)
+        mu[todo], q[todo] = new_mu, new_q
+        z[todo] = tt - new_mu
+        y_t = z[todo].clamp(0.0, 1.0)
+        grad[todo] = proj.harmful(y_t - at)
+        res[todo] = grad[todo].norm(dim=1)
+        if not bool(accepted.any()):
+            break  # no sample can make progress in floating point
     y, theta = _repair(proj, a, z.clamp(0.0, 1.0))
-    q = _dual_value(z.clamp(0.0, 1.0), t, mu, a)
     primal = 0.5 * ((y - t) ** 2).sum(1)
     gap = primal - q
-    rel = gap / primal.clamp_min(1e-30)
-    return y, ProjectionInfo(gap=gap, rel_gap=rel, infeasibility=infeas, shrink=theta, iterations=it)
+    return y, ProjectionInfo(gap=gap, rel_gap=gap / primal.clamp_min(1e-30), infeasibility=res / scale,
+                             shrink=theta, iterations=it, converged=res <= tol * scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +360,7 @@ def _check_positive(value: object, name: str, *, integer: bool = False) -> None:
 
 def privatize_paper(space: HarmlessSubspace | Projector, x: torch.Tensor, *, steps: int = 300, lr: float = 0.05,
                     penalty: float = 10.0, generator: torch.Generator | None = None,
-                    init_scale: float = 0.1, warm: int = 300, newton: int = 25) -> Result:
+                    init_scale: float = 0.1, tol: float = 1e-13, max_iter: int = 200) -> Result:
     """Algorithm 1 of the paper: maximise ``MSE(x_hat, x) - penalty * mean(box violation^2)`` over
     the harmless coefficients ``c`` (``x_hat = x + U c``) with Adam from a random start (the
     objective is flat at ``c = 0``), then restore feasibility inside the affine set: ``x_hat`` is
@@ -411,7 +394,7 @@ def privatize_paper(space: HarmlessSubspace | Projector, x: torch.Tensor, *, ste
     with torch.no_grad():
         y = flat + c.detach() @ u
         raw_violation = box_violation(y)
-        x_hat, pinfo = _project_flat(proj, flat, y, warm=warm, newton=newton)
+        x_hat, pinfo = _project_flat(proj, flat, y, tol=tol, max_iter=max_iter)
     info: dict[str, object] = {"raw_box_violation": raw_violation, "projection": pinfo, "objective": history,
                                "steps": steps, "lr": lr, "penalty": penalty}
     return _result(proj, xs, x_hat, "paper", info)
@@ -443,7 +426,7 @@ def make_decoy(kind: str | torch.Tensor, x: torch.Tensor, *, generator: torch.Ge
 
 
 def privatize_decoy(space: HarmlessSubspace | Projector, x: torch.Tensor, decoy: str | torch.Tensor = "grey", *,
-                    generator: torch.Generator | None = None, warm: int = 300, newton: int = 25) -> Result:
+                    generator: torch.Generator | None = None, tol: float = 1e-13, max_iter: int = 200) -> Result:
     """Our convex formulation: ``min ||x_hat - t||^2  s.t.  A x_hat = A x, 0 <= x_hat <= 1``, with
     ``t`` the decoy (see :func:`make_decoy`), solved to the global optimum (the projection of
     ``t`` onto ``{x + N(A)} ∩ [0, 1]^n``, :func:`project_affine_box`). The duality gap per sample
@@ -453,7 +436,7 @@ def privatize_decoy(space: HarmlessSubspace | Projector, x: torch.Tensor, decoy:
     t = make_decoy(decoy, xs, generator=generator)
     t = _images(proj, t, "decoy", box=False)
     b = xs.shape[0]
-    x_hat, pinfo = _project_flat(proj, xs.reshape(b, -1), t.reshape(b, -1), warm=warm, newton=newton)
+    x_hat, pinfo = _project_flat(proj, xs.reshape(b, -1), t.reshape(b, -1), tol=tol, max_iter=max_iter)
     name = decoy if isinstance(decoy, str) else "image"
     return _result(proj, xs, x_hat, f"decoy-{name}", {"projection": pinfo, "decoy": t})
 
