@@ -449,7 +449,7 @@ def test_matrix_free_project_on_3x16x16_conv(c_out, k, stride, padding, duplicat
     p = oracle.projector(a)
     kappa = oracle.condition_of_nonzero(a)
     norm = oracle.spectral_norm(a)
-    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape, dense_limit=1)
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), shape, dense_limit=1)
     delta = oracle.random_batch(shape, 3, seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionWarning)
@@ -528,7 +528,7 @@ def test_structure_route_on_random_wide_conv_meeting_corollary1() -> None:
     a = oracle.dense_matrix(conv, shape)
     op = ConvOperator(conv.weight, shape, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     assert corollary1_conditions(op) == []
-    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape, method="structure")
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), shape, method="structure")
     assert space.dim_method == "gram-cholesky"  # full row rank certified, not assumed
     assert space.dim == a.shape[1] - oracle.rank(a) == a.shape[1] - a.shape[0]
 
@@ -563,7 +563,7 @@ def test_corollary1_not_fooled_by_shifted_kernels(length: int) -> None:
     want = 2 * length - oracle.rank(a)
     assert want > 2 * length - a.shape[0]  # rank deficient beyond n - m
     for kwargs in (dict(method="structure"), dict(dense_limit=1)):
-        space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape, **kwargs)
+        space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), shape, **kwargs)
         try:
             dim = space.dim
         except TooLargeError:
@@ -594,7 +594,7 @@ def test_structure_route_with_a_single_output() -> None:
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([[[1.0, -2.0, 0.5, 3.0]]]))
     for kwargs in (dict(method="structure"), dict(dense_limit=1)):
-        space = harmless.harmless_subspace(nn.Sequential(conv).eval(), (1, 4), **kwargs)
+        space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), (1, 4), **kwargs)
         try:
             dim = space.dim
         except TooLargeError:
@@ -985,7 +985,7 @@ def test_all_user_errors_are_harmless_errors() -> None:
 def test_results_in_space_dtype_on_input_device(space_dtype, delta_dtype) -> None:
     conv = _conv16(2, 3, 2, 1)
     shape = (3, 6, 6)
-    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape, dtype=space_dtype)
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), shape, dtype=space_dtype)
     assert space.dtype == space_dtype
     delta = oracle.random_batch(shape, 2, seed=0, dtype=delta_dtype)
     for out in (space.project(delta), *space.decompose(delta), space.harmful_residual(delta)):
@@ -1000,7 +1000,7 @@ def test_results_in_space_dtype_on_input_device(space_dtype, delta_dtype) -> Non
 
 def test_float32_matrix_free_outputs_float32() -> None:
     conv = _conv16(2, 3, 2, 1)
-    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), (3, 6, 6), dtype=F32, dense_limit=1)
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), (3, 6, 6), dtype=F32, dense_limit=1)
     out = space.project(oracle.random_batch((3, 6, 6), 2, seed=0))
     assert out.dtype == F32
     assert space.sample(2).dtype == F32
@@ -1011,7 +1011,7 @@ def test_float32_matrix_free_outputs_float32() -> None:
 def test_cuda_model_results_on_cuda(dense_limit: int) -> None:
     conv = _conv16(2, 3, 2, 1).cuda()
     shape = (3, 8, 8)
-    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape, dense_limit=dense_limit)
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), shape, dense_limit=dense_limit)
     delta = oracle.random_batch(shape, 2, seed=0).cuda()
     out = space.project(delta)
     assert out.device == delta.device and out.dtype == F64
@@ -1059,8 +1059,33 @@ def test_zero_padding_border_windows_break_corollary1() -> None:
     shape = (1, 22, 22)
     a = oracle.dense_matrix(conv, shape)
     n, m = a.shape[1], a.shape[0]
-    space = harmless.harmless_subspace(nn.Sequential(conv).eval(), shape)
+    space = harmless.harmless_subspace(nn.Sequential(conv).eval().eval(), shape)
     assert (n, m) == (484, 320)
     assert space.dim == n - oracle.rank(a) == n - m + 4  # the (0, 0) corner: 20 kernels, 16 pixels
     op = ConvOperator(conv.weight, shape, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     assert corollary1_conditions(op) == ["border windows read only 16 inputs for 20 kernels (zero padding)"]
+
+
+def test_project_and_sample_work_when_no_exact_rank_fits(monkeypatch) -> None:  # noqa: ANN001
+    """Large overlapping convolutions have no affordable exact rank; project/sample must still
+    work matrix-free (they need no rank), and agree with the dense projection."""
+    import harmless.linalg.subspace as sub
+    from harmless.errors import TooLargeError
+
+    def no_rank(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise TooLargeError("no exact rank method fits (simulated)")
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, stride=2, bias=False).double().eval()
+    dense = harmless.harmless_subspace(nn.Sequential(conv).eval(), (1, 9, 9))
+    big = harmless.harmless_subspace(nn.Sequential(conv).eval(), (1, 9, 9), dense_limit=1)
+    d = torch.randn(3, 1, 9, 9, dtype=torch.float64) * 1e3
+    expected = dense.project(d)
+    monkeypatch.setattr(sub, "analyze_rank", no_rank)
+    with pytest.raises(TooLargeError):
+        _ = big.dim
+    p = big.project(d)
+    assert torch.allclose(p, expected, rtol=0, atol=1e-9 * float(d.abs().max()))
+    s = big.sample(4, generator=torch.Generator().manual_seed(0))
+    assert float(big.harmful_residual(s).max()) < 1e-12
+    assert torch.allclose(s.flatten(1).norm(dim=1), torch.ones(4, dtype=torch.float64))
