@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data-dir", help="a CIFAR-10 python-pickle folder to train the CIFAR models on")
     rep.set_defaults(func=cmd_reproduce)
 
-    demo = sub.add_parser("demo", help="the main job: MNIST, MLP-5, its harmless subspace and exactness")
-    demo.add_argument("--quick", action="store_true", help="fewer test images")
+    demo = sub.add_parser("demo", help="the main job: MNIST, MLP-5, its harmless subspace and exactness; then "
+                                        "privatises a few real Fashion-MNIST and MNIST test images")
+    demo.add_argument("--quick", action="store_true", help="fewer test images, shorter privacy optimisations")
     demo.add_argument("--out", default="results/demo", help="where figures go (default: results/demo)")
     demo.set_defaults(func=cmd_demo)
     return p
