@@ -59,9 +59,15 @@ class Projector:
         if rank >= self.n:
             raise NoHarmlessSubspaceError(
                 f"the linear prefix is injective (rank {rank} of {self.n} inputs): nothing can be hidden")
-        _, _, vt = torch.linalg.svd(a, full_matrices=True)
-        self.row = vt[:rank].contiguous()
-        self.null = vt[rank:].contiguous()
+        fact = space._factorization  # the subspace's own dense SVD, when it made one: reuse it
+        if fact is not None and fact.row_basis is not None and fact.null_basis is not None \
+                and fact.row_basis.shape[0] == rank:
+            self.row = torch.as_tensor(fact.row_basis, dtype=torch.float64).reshape(rank, self.n).contiguous()
+            self.null = torch.as_tensor(fact.null_basis, dtype=torch.float64).reshape(-1, self.n).contiguous()
+        else:
+            _, _, vt = torch.linalg.svd(a, full_matrices=True)
+            self.row = vt[:rank].contiguous()
+            self.null = vt[rank:].contiguous()
         self.rank = rank
         self.dim = self.n - rank
         self.norm = float(torch.linalg.matrix_norm(a, ord=2)) if a.numel() else 0.0
