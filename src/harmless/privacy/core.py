@@ -10,11 +10,11 @@ thousand pixels: MNIST, CIFAR-10). The feasible set of a privatised image is
     C(x) = {x + U c} ∩ [0, 1]^n,   U an orthonormal basis of N(A),
 
 an affine subspace intersected with the pixel box. :func:`project_affine_box` computes the
-exact Euclidean projection of a target onto ``C(x)`` (a strictly convex QP) by accelerated
-projected-gradient ascent on its dual, and always returns a point that is exactly feasible
-up to float64 rounding: the last iterate is projected onto the affine set and then shrunk
-towards ``x`` (which lies in the box) just enough to be inside the box again. The duality gap
-of that point is reported as the certificate of optimality.
+Euclidean projection of a target onto ``C(x)`` (a strictly convex QP) by a regularised
+semismooth Newton method on its dual, batched over images, and always returns a point that is
+feasible up to float64 rounding (alternating projections, then a shrink towards ``x``; never
+clipping). The duality gap of that point is its certificate: ``sqrt(2 gap)`` bounds its
+distance to the exact projection.
 """
 
 from __future__ import annotations
