@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -231,7 +232,8 @@ def _dual_value(y: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, a: torch.Ten
     return 0.5 * ((y - t) ** 2).sum(1) + (mu * (y - a)).sum(1)
 
 
-def _cg(matvec, rhs: torch.Tensor, rtol: torch.Tensor, max_iter: int) -> torch.Tensor:
+def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, rtol: torch.Tensor,
+        max_iter: int) -> torch.Tensor:
     """Batched conjugate gradients for SPD systems, each row to its own relative tolerance.
     (SciPy's ``cg`` solves one system at a time; here thousands of small systems share every
     matrix product, which is what makes the batch fast.)"""
