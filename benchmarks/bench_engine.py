@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import harmless  # noqa: E402
-from harmless.cache import atomic_write_bytes, atomic_write_text  # noqa: E402
+from harmless.cache import atomic_write_text  # noqa: E402
+from harmless.plotting import save_figure  # noqa: E402
 
 
 def layers(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -125,8 +126,6 @@ def main() -> None:
     out = ROOT / "results"
     atomic_write_text(out / "benchmark_engine.md", text)
 
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,9 +141,7 @@ def main() -> None:
     ax.set_ylabel("seconds (log)")
     ax.legend(fontsize=8)
     ax.set_title("Harmless subspace: time per layer")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    atomic_write_bytes(out / "benchmark_engine.png", buf.getvalue())
+    save_figure(fig, out / "benchmark_engine.png")
     print(text)
 
 

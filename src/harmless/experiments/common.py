@@ -3,7 +3,6 @@ output RMSE, accuracy, markdown tables, figure saving (atomic)."""
 
 from __future__ import annotations
 
-import io
 import math
 import platform
 import sys
@@ -14,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harmless.cache import atomic_write_bytes, atomic_write_text
+from harmless.cache import atomic_write_text
 from harmless.linalg.subspace import HarmlessSubspace, least_harmful
 from harmless.metrics import accuracy  # noqa: F401  (re-exported for the experiments)
+from harmless.plotting import save_figure  # noqa: F401  (re-exported for the experiments)
 
 #: The paper's magnitudes: epsilon, 2 epsilon, ..., 32 epsilon (RMS per input entry).
 MULTIPLIERS = (1, 2, 4, 8, 16, 32)
@@ -91,16 +91,6 @@ def provenance(command: str) -> str:
     """A footer saying how a results file was made."""
     return (f"\nMade by `{command}` (harmless, torch {torch.__version__}, Python "
             f"{platform.python_version()}, {platform.machine()}, {sys.platform}).\n")
-
-
-def save_figure(fig: object, path: Path) -> Path:
-    """Save a matplotlib figure as PNG, atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")  # type: ignore[attr-defined]
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)  # type: ignore[arg-type]
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def save_text(text: str, path: Path) -> Path:

@@ -26,6 +26,7 @@ from harmless.experiments.common import (
     save_figure,
 )
 from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
+from harmless.plotting import show_image
 
 SPEC = "mlp5:mnist"
 #: The model of the privacy part: on MNIST most pixels sit exactly at 0 and may not go below it
@@ -231,8 +232,7 @@ def privacy_figure(rows: list[PrivacyRow], path: Path) -> Path:
     fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.7 * n + 0.9), squeeze=False)
 
     def show(ax: Axes, img: torch.Tensor, title: str) -> None:
-        arr = img.detach().cpu().clamp(0, 1).numpy()
-        ax.imshow(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        show_image(ax, img)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
 

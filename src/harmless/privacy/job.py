@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
+from harmless.plotting import save_figure, show_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -183,16 +184,12 @@ def _figure(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: P
     for r, imgs in enumerate(rows):
         for c, (img, title) in enumerate(zip(imgs, ("original", "privatised (same output)",
                                                     "attacker's reconstruction (TV)"))):
-            arr = img.detach().cpu().clamp(0, 1).numpy()
             ax = axes[r, c]
-            ax.imshow(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            show_image(ax, img)
             ax.axis("off")
             if r == 0:
                 ax.set_title(title, fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def load_privatized(path: str | Path) -> torch.Tensor:
