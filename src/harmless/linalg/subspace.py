@@ -111,15 +111,21 @@ class HarmlessSubspace:
         return self.rank_info.method
 
     @cached_property
+    def _exact_dim(self) -> int | None:
+        """``dim`` when an exact rank method fits, else ``None`` (asked once: a failing rank
+        analysis is not cached by ``rank_info`` and would otherwise be retried on every call)."""
+        try:
+            return self.dim
+        except TooLargeError:
+            return None
+
+    @property
     def _known_injective(self) -> bool:
         """``rank == n`` when an exact rank method fits; ``False`` when none does (``n > m``
         operators then still have a nullspace; otherwise the matrix-free methods simply find none)."""
         if self.operator.n > self.operator.m:
             return False  # rank <= m < n: never injective, no rank needed
-        try:
-            return self.dim == 0
-        except TooLargeError:
-            return False
+        return self._exact_dim == 0
 
     @cached_property
     def _factorization(self) -> RankResult | None:
@@ -210,6 +216,7 @@ class HarmlessSubspace:
         gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
         out = torch.empty(n, *self.input_shape, dtype=self.dtype, device=self.operator.device)
         todo = torch.arange(n)
+        floor = 1e-3 * math.sqrt(self._dim_lower_bound / self.ambient_dim)
         for _ in range(100):
             g = torch.randn(len(todo), *self.input_shape, generator=gen, dtype=torch.float64)
             g = g.to(dtype=self.dtype, device=self.operator.device)
@@ -217,7 +224,7 @@ class HarmlessSubspace:
             p_norm = p.reshape(len(todo), -1).norm(dim=1)
             # A draw (almost) inside the row space leaves a harmless part dominated by round-off:
             # draw again rather than normalise noise.
-            ok = p_norm > 1e-3 * g.reshape(len(todo), -1).norm(dim=1) * math.sqrt(self._dim_lower_bound / self.ambient_dim)
+            ok = p_norm > floor * g.reshape(len(todo), -1).norm(dim=1)
             out[todo[ok.cpu()]] = p[ok] / p_norm[ok].view(-1, *([1] * len(self.input_shape)))
             todo = todo[~ok.cpu()]
             if len(todo) == 0:
@@ -227,10 +234,8 @@ class HarmlessSubspace:
     @property
     def _dim_lower_bound(self) -> int:
         """``dim`` when an exact rank method fits, else ``n - m`` (at least 1)."""
-        try:
-            return self.dim
-        except TooLargeError:
-            return max(1, self.ambient_dim - self.output_dim)
+        exact = self._exact_dim
+        return exact if exact is not None else max(1, self.ambient_dim - self.output_dim)
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""
