@@ -18,7 +18,7 @@ import torch
 
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
-from harmless.privacy.core import Projector, _images, _project_flat, projector
+from harmless.privacy.core import Projector, _check_positive, _images, _project_flat, projector
 
 __all__ = ["min_norm_attack", "box_attack", "tv_attack", "audit"]
 
@@ -34,6 +34,7 @@ def box_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, max_
     """The nearest point to ``(I - P) x_hat`` in ``{x_hat + N(A)} ∩ [0, 1]^n`` (``x_hat`` in the box)."""
     proj = projector(space)
     xh = _images(proj, x_hat, "x_hat").reshape(-1, proj.n)
+    _check_positive(max_iter, "max_iter", integer=True)
     y, _ = _project_flat(proj, xh, proj.harmful(xh), max_iter=max_iter)
     return y.reshape(-1, *proj.input_shape)
 
@@ -51,6 +52,10 @@ def tv_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, steps
     if len(proj.input_shape) != 3:
         raise InputError(f"tv_attack needs image inputs (C, H, W), got input shape {proj.input_shape}")
     xh = _images(proj, x_hat, "x_hat")
+    _check_positive(steps, "steps", integer=True)
+    _check_positive(lr, "lr")
+    _check_positive(penalty, "penalty")
+    _check_positive(max_iter, "max_iter", integer=True)
     b = xh.shape[0]
     flat = xh.reshape(b, -1)
     start = proj.null @ (proj.harmful(flat) - flat).T  # coefficients of the min-norm point

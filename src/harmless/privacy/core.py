@@ -65,13 +65,14 @@ class Projector:
                 and fact.row_basis.shape[0] == rank:
             self.row = torch.as_tensor(fact.row_basis, dtype=torch.float64).reshape(rank, self.n).contiguous()
             self.null = torch.as_tensor(fact.null_basis, dtype=torch.float64).reshape(-1, self.n).contiguous()
+            sv = torch.as_tensor(fact.singular_values, dtype=torch.float64)
         else:
-            _, _, vt = torch.linalg.svd(a, full_matrices=True)
+            _, sv, vt = torch.linalg.svd(a, full_matrices=True)
             self.row = vt[:rank].contiguous()
             self.null = vt[rank:].contiguous()
         self.rank = rank
         self.dim = self.n - rank
-        self.norm = float(torch.linalg.matrix_norm(a, ord=2)) if a.numel() else 0.0
+        self.norm = float(sv[0]) if sv.numel() else 0.0  # ||A||_2 from the SVD at hand, not a second one
 
     def harmful(self, v: torch.Tensor) -> torch.Tensor:
         """``(I - P) v`` for ``v`` of shape ``(B, n)``."""
@@ -179,8 +180,6 @@ class ProjectionInfo:
         return torch.sqrt(2.0 * self.gap.clamp_min(0.0))
 
 
-
-
 def _repair(proj: Projector, anchor: torch.Tensor, y: torch.Tensor,
             rounds: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """Make ``y`` feasible without clipping: alternate projections onto ``anchor + N(A)`` and the
@@ -222,8 +221,7 @@ def project_affine_box(space: HarmlessSubspace | Projector, anchor: torch.Tensor
     t = _images(proj, target, "target", box=False).reshape(-1, proj.n)
     if t.shape[0] != a.shape[0]:
         raise InputError(f"target has {t.shape[0]} samples but anchor has {a.shape[0]}")
-    _check_positive(tol, "tol")
-    _check_positive(max_iter, "max_iter", integer=True)
+    _check_solver(tol, max_iter)
     y, info = _project_flat(proj, a, t, tol=tol, max_iter=max_iter)
     return y.reshape(-1, *proj.input_shape), info
 
@@ -273,7 +271,6 @@ def _project_flat(proj: Projector, a: torch.Tensor, t: torch.Tensor, *, tol: flo
     Because ``y(mu)`` minimises the Lagrangian, the dual iterate is optimal once it is feasible:
     the loop stops at ``||Q (y - a)|| <= tol * max(1, ||a||)``. Finally :func:`_repair` makes the
     point exactly feasible; its duality gap is the certificate."""
-    b = a.shape[0]
     scale = a.norm(dim=1).clamp_min(1.0)
     mu = torch.zeros_like(t)
     z = t.clone()
@@ -369,6 +366,12 @@ def _check_positive(value: object, name: str, *, integer: bool = False) -> None:
         raise InputError(f"{name} must be a positive {'int' if integer else 'number'}, got {value!r}")
 
 
+def _check_solver(tol: object, max_iter: object) -> None:
+    """The settings of :func:`_project_flat`, checked by every public function that passes them."""
+    _check_positive(tol, "tol")
+    _check_positive(max_iter, "max_iter", integer=True)
+
+
 def privatize_paper(space: HarmlessSubspace | Projector, x: torch.Tensor, *, steps: int = 300, lr: float = 0.05,
                     penalty: float = 10.0, generator: torch.Generator | None = None,
                     init_scale: float = 0.1, tol: float = 1e-13, max_iter: int = 200) -> Result:
@@ -383,6 +386,7 @@ def privatize_paper(space: HarmlessSubspace | Projector, x: torch.Tensor, *, ste
     _check_positive(steps, "steps", integer=True)
     _check_positive(lr, "lr")
     _check_positive(penalty, "penalty")
+    _check_solver(tol, max_iter)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     b = xs.shape[0]
     flat = xs.reshape(b, -1)
@@ -439,11 +443,13 @@ def make_decoy(kind: str | torch.Tensor, x: torch.Tensor, *, generator: torch.Ge
 def privatize_decoy(space: HarmlessSubspace | Projector, x: torch.Tensor, decoy: str | torch.Tensor = "grey", *,
                     generator: torch.Generator | None = None, tol: float = 1e-13, max_iter: int = 200) -> Result:
     """Our convex formulation: ``min ||x_hat - t||^2  s.t.  A x_hat = A x, 0 <= x_hat <= 1``, with
-    ``t`` the decoy (see :func:`make_decoy`), solved to the global optimum (the projection of
-    ``t`` onto ``{x + N(A)} ∩ [0, 1]^n``, :func:`project_affine_box`). The duality gap per sample
-    is in ``info["projection"].gap``. ``x`` is not modified."""
+    ``t`` the decoy (see :func:`make_decoy`): the projection of ``t`` onto
+    ``{x + N(A)} ∩ [0, 1]^n`` (:func:`project_affine_box`), to ``tol`` within ``max_iter`` Newton
+    steps. ``info["projection"]`` certifies it per sample (``converged``, ``gap``,
+    ``distance_bound``). ``x`` is not modified."""
     proj = projector(space)
     xs = _images(proj, x, "x")
+    _check_solver(tol, max_iter)
     t = make_decoy(decoy, xs, generator=generator)
     t = _images(proj, t, "decoy", box=False)
     b = xs.shape[0]
