@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
+from harmless.linalg.subspace import HarmlessSubspace
+from harmless.plotting import show_image
 
 PAPER = "Paper (CIFAR-10, ResNet-50): harmless SSIM 0.4719, LPIPS 0.2031, Δacc 0.00%; Gaussian N(0,0.1²) SSIM 0.6825, LPIPS 0.3007, Δacc 32.46%."
 
@@ -37,7 +39,8 @@ def _log(msg: str) -> None:
     print(f"  table2: {msg}", file=sys.stderr, flush=True)
 
 
-def _setting(name: str, n: int, data_dir: object) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
+def _setting(name: str, data_dir: object) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The float64 eval-mode model and the whole test set of a setting."""
     from harmless.data import as_tensors, load_dataset
     from harmless.models import build_model, get_model
 
@@ -48,24 +51,27 @@ def _setting(name: str, n: int, data_dir: object) -> tuple[str, nn.Module, torch
         model = get_model(f"mlp5:{name}").model
         ds = load_dataset(name, data_dir=data_dir)
     x, y = as_tensors(ds, torch.float64)
-    return name, model.double().eval(), x[:n], y[:n]
+    return model.double().eval(), x, y
 
 
-def _solver_cell(r: object) -> str:
+def _certificate(converged: torch.Tensor, distance_bound: float) -> str:
     """``converged% / max certified distance to the exact projection``."""
-    info = r.info["projection"]  # type: ignore[attr-defined]
-    return f"{100 * float(info.converged.double().mean()):.1f}% / {float(info.distance_bound.max()):.1e}"
+    return f"{100 * float(converged.double().mean()):.1f}% / {distance_bound:.1e}"
 
 
 def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, tv_steps: int, *,
-                 max_iter: int = 200, paper_steps: int = 300) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
+                 max_iter: int = 200, paper_steps: int = 300,
+                 space: HarmlessSubspace | None = None) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
+    """Every method and attack on ``(x, y)``; ``space``: the model's harmless subspace, if the
+    caller already has it."""
     import harmless
     from harmless import metrics
     from harmless.privacy import privatize_decoy, privatize_paper, projector, quantize_harmless
     from harmless.privacy.audit import box_attack, min_norm_attack, tv_attack
 
     t0 = time.time()
-    space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
+    if space is None:
+        space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
     proj = projector(space)
     _log(f"{name}: harmless dim {proj.dim} of {proj.n} ({time.time() - t0:.0f}s)")
     base = accuracy(model, x, y)
@@ -81,7 +87,7 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     for label, fn in outs.items():
         t0 = time.time()
         r = fn()
-        xh = r.x_hat
+        xh, info = r.x_hat, r.info["projection"]
         q = quantize_harmless(space, xh, x)
         attacks = {"min-norm": min_norm_attack(proj, xh), "box": box_attack(proj, xh, max_iter=max_iter)}
         if tv_steps:
@@ -95,7 +101,7 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                      f"{float(r.box_violation.max()):.1e}", f"{float(r.output_deviation.max()):.1e}",
                      " / ".join(f"{att[k]:.3f}" for k in ("min-norm", "box", "TV") if k in att),
                      f"{100 * (base - accuracy(model, q.naive, y)):.2f}% / {100 * (base - accuracy(model, q.improved, y)):.2f}%",
-                     _solver_cell(r)])
+                     _certificate(info.converged, float(info.distance_bound.max()))])
         _log(f"{name}: {label} done ({time.time() - t0:.0f}s)")
     g = (x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
     rows.append([name, "Gaussian N(0, 0.1²), clipped", f"{metrics.ssim(g, x).mean():.4f}",
@@ -104,14 +110,12 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return rows, images
 
 
-def _full_test_set(name: str, data_dir: object, batch: int = 1000) -> list[list[str]]:
+def _full_test_set(name: str, model: nn.Module, space: HarmlessSubspace, x: torch.Tensor, y: torch.Tensor,
+                   batch: int = 1000) -> list[list[str]]:
     """The flat-grey decoy method on a whole test set, in batches: SSIM, LPIPS, Δacc."""
-    import harmless
     from harmless import metrics
     from harmless.privacy import privatize_decoy
 
-    sname, model, x, y = _setting(name, 10**9, data_dir)
-    space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
     t0 = time.time()
     ssim, lp, box, dev, conv, bound, xh_all = [], [], [], [], [], [], []
     for s in range(0, x.shape[0], batch):
@@ -125,12 +129,12 @@ def _full_test_set(name: str, data_dir: object, batch: int = 1000) -> list[list[
         conv.append(info.converged)
         bound.append(float(info.distance_bound.max()))
         xh_all.append(r.x_hat)
-        _log(f"{sname} full test set: {s + xb.shape[0]} of {x.shape[0]} ({time.time() - t0:.0f}s)")
+        _log(f"{name} full test set: {s + xb.shape[0]} of {x.shape[0]} ({time.time() - t0:.0f}s)")
     base = accuracy(model, x, y)
     d_acc = base - accuracy(model, torch.cat(xh_all), y)
-    return [[sname, str(x.shape[0]), f"{np.concatenate(ssim).mean():.4f}", f"{np.concatenate(lp).mean():.4f}",
+    return [[name, str(x.shape[0]), f"{np.concatenate(ssim).mean():.4f}", f"{np.concatenate(lp).mean():.4f}",
              f"{100 * d_acc:.2f}%", f"{max(box):.1e}", f"{max(dev):.1e}",
-             f"{100 * float(torch.cat(conv).double().mean()):.1f}% / {max(bound):.1e}", f"{time.time() - t0:.0f}s"]]
+             _certificate(torch.cat(conv), max(bound)), f"{time.time() - t0:.0f}s"]]
 
 
 def _ssim_vs_dim(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -158,6 +162,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import harmless
+
     out_dir = Path(out_dir)
     sizes = {"mnist": 8, "fashion-mnist": 8, "cifar10-resnet50": 4} if quick else \
         {"mnist": 50, "fashion-mnist": 300, "cifar10-resnet50": 20}
@@ -170,12 +176,16 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[
               "QP converged / max ‖x̂−x̂*‖ bound"]
     rows: list[list[str]] = []
     figs: dict[str, dict[str, torch.Tensor]] = {}
+    full_rows: list[list[str]] = []
     for name in ("mnist", "fashion-mnist", "cifar10-resnet50"):
-        sname, model, x, y = _setting(name, sizes[name], data_dir)
-        r, imgs = _run_setting(sname, model, x, y, tv_steps, max_iter=max_iters[name])
+        model, x, y = _setting(name, data_dir)
+        space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
+        n = sizes[name]
+        r, imgs = _run_setting(name, model, x[:n], y[:n], tv_steps, max_iter=max_iters[name], space=space)
         rows += r
-        figs[sname] = imgs
-    full_rows = [] if quick else _full_test_set("fashion-mnist", data_dir)
+        figs[name] = imgs
+        if name == "fashion-mnist" and not quick:
+            full_rows = _full_test_set(name, model, space, x, y)
     cif = figs["cifar10-resnet50"]["original"]
     fracs, ssims = _ssim_vs_dim(cif[:5] if quick else cif[:10])
 
@@ -203,9 +213,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[
     fig, axes = plt.subplots(3, len(cols), figsize=(2.0 * len(cols), 6.4))
     for i, sname in enumerate(figs):
         for j, k in enumerate(cols):
-            img = figs[sname][k][0].clamp(0, 1).numpy()
             ax = axes[i, j]
-            ax.imshow(img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1), cmap="gray", vmin=0, vmax=1)
+            show_image(ax, figs[sname][k][0])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
