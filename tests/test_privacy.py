@@ -9,6 +9,7 @@ from torch import nn
 import harmless
 from harmless.errors import InputError
 from harmless.privacy import privatize_decoy, privatize_paper, project_affine_box, quantize_harmless
+from harmless.privacy.audit import box_attack, tv_attack
 
 
 def _tiny(seed=0, n=30, m=10):
@@ -96,8 +97,29 @@ def test_bad_input():
         privatize_decoy(sp, torch.rand(2, 1, 4, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda s, x: privatize_decoy(s, x, tol=0.0), "tol"),
+    (lambda s, x: privatize_decoy(s, x, max_iter=0), "max_iter"),
+    (lambda s, x: privatize_paper(s, x, tol=float("nan")), "tol"),
+    (lambda s, x: privatize_paper(s, x, max_iter=2.5), "max_iter"),
+    (lambda s, x: project_affine_box(s, x, x, max_iter=-1), "max_iter"),
+    (lambda s, x: box_attack(s, x, max_iter=0), "max_iter"),
+    (lambda s, x: tv_attack(s, x, steps=0), "steps"),
+    (lambda s, x: tv_attack(s, x, lr=-1.0), "lr"),
+    (lambda s, x: tv_attack(s, x, penalty=0), "penalty"),
+    (lambda s, x: tv_attack(s, x, max_iter=True), "max_iter"),
+])
+def test_bad_solver_settings(call, match):
+    """Every public entry point checks the settings it passes to the solver."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    space = harmless.harmless_subspace(model, (1, 4, 4))
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(InputError, match=match):
+        call(space, x)
+
+
 def test_audit_attacks_stay_in_the_indistinguishable_set():
-    from harmless.privacy.audit import box_attack, min_norm_attack
+    from harmless.privacy.audit import min_norm_attack
 
     model, space = _tiny()
     x = _x()
