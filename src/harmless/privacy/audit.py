@@ -30,7 +30,7 @@ def min_norm_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor) ->
     return proj.harmful(xh.reshape(xh.shape[0], -1)).reshape(xh.shape)
 
 
-def box_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, max_iter: int = 200) -> torch.Tensor:
+def box_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, max_iter: int = 100) -> torch.Tensor:
     """The nearest point to ``(I - P) x_hat`` in ``{x_hat + N(A)} ∩ [0, 1]^n`` (``x_hat`` in the box)."""
     proj = projector(space)
     xh = _images(proj, x_hat, "x_hat").reshape(-1, proj.n)
@@ -46,7 +46,7 @@ def _tv(y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
 
 
 def tv_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, steps: int = 200, lr: float = 0.02,
-              penalty: float = 100.0, max_iter: int = 200) -> torch.Tensor:
+              penalty: float = 100.0, max_iter: int = 100) -> torch.Tensor:
     """Smoothed-TV minimisation over ``{x_hat + N(A)} ∩ [0, 1]^n`` (see the module docstring)."""
     proj = projector(space)
     if len(proj.input_shape) != 3:
