@@ -97,14 +97,37 @@ def test_table2_rows_on_a_tiny_untrained_model() -> None:
     x0 = x.clone()
     rows, images = _run_setting("tiny", model, x, y, tv_steps=5, paper_steps=20)
     assert torch.equal(x, x0)
-    assert len(rows) == 4 and all(len(r) == 11 for r in rows)
+    assert len(rows) == 4 and all(len(r) == 12 for r in rows)
     for row in rows[:3]:
-        assert row[4] == "0.00%"  # Δacc of the float outputs
+        assert row[4] == "0.00% (0 changed)"  # Δacc of the float outputs, no prediction changed
         assert float(row[6]) <= 1e-12 and float(row[7]) <= 1e-12  # box violation, ‖A(x̂−x)‖
+        assert float(row[8]) <= 1e-12  # |f(x̂) − f(x)|
         assert 0.0 <= float(row[2]) <= 1.0
-        converged = float(row[10].split("%")[0])
-        assert 0.0 <= converged <= 100.0
+        converged, bound = row[11].split(" / ")
+        assert float(converged.rstrip("%")) == 100.0  # the interior-point method converges here
+        assert float(bound) <= 1e-4
     assert rows[3][1].startswith("Gaussian")
     for key, img in images.items():
         assert img.shape == x.shape, key
         assert float(img.min()) >= -1e-12 and float(img.max()) <= 1 + 1e-12, key
+
+
+def test_table2_rows_tile_by_tile() -> None:
+    """The ImageNet path: a patchify stem, solved tile by tile, keeps every decision and the box."""
+    from harmless.experiments.table2 import _run_setting
+    from harmless.privacy.tiles import tiling
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 40, 7, stride=7, bias=False), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(40, 3)).double().eval()
+    x = torch.rand(3, 3, 14, 21, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    tiles = tiling(model, (3, 14, 21), 7)
+    rows, images = _run_setting("tiny-tiles", model, x, y, tv_steps=5, paper_steps=20, tiles=tiles)
+    for row in rows[:3]:
+        assert row[4] == "0.00% (0 changed)"
+        assert float(row[6]) <= 1e-12 and float(row[7]) <= 1e-12 and float(row[8]) <= 1e-12
+    for key, img in images.items():
+        assert img.shape == x.shape, key

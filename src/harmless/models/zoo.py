@@ -200,7 +200,7 @@ class LeNet(nn.Sequential):
 # ----------------------------------------------------------------------------- stems
 
 
-def _stem(in_channels: int, channels: int, kernel: int, stride: int) -> nn.Sequential:
+def _stem(in_channels: int, channels: int, kernel: int, stride: int, padding: int | None = None) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
             [
@@ -211,7 +211,7 @@ def _stem(in_channels: int, channels: int, kernel: int, stride: int) -> nn.Seque
                         channels,
                         kernel_size=kernel,
                         stride=stride,
-                        padding=kernel // 2,
+                        padding=kernel // 2 if padding is None else padding,
                         bias=False,
                     ),
                 ),
@@ -301,6 +301,7 @@ class ResNet(nn.Module):
         stem_stride: int = 1,
         stem_channels: int = 64,
         stem_kernel: int = 3,
+        stem_padding: int | None = None,
         in_channels: int = 3,
         num_classes: int = 10,
         mean: Sequence[float] | None = None,
@@ -314,9 +315,13 @@ class ResNet(nn.Module):
             in_channels=in_channels,
             num_classes=num_classes,
         )
+        if stem_padding is not None and (not isinstance(stem_padding, int) or stem_padding < 0):
+            raise ValueError(f"stem_padding must be a non-negative int or None, got {stem_padding!r}")
         mean, std = _default_stats(in_channels, mean, std)
         self.normalize = Normalize(mean, std)
-        self.stem = _stem(in_channels, stem_channels, stem_kernel, stem_stride)
+        # stem_padding=None: kernel // 2; 0 with stem_kernel == stem_stride gives a "patchify"
+        # stem whose windows tile the image exactly
+        self.stem = _stem(in_channels, stem_channels, stem_kernel, stem_stride, stem_padding)
         in_planes = stem_channels
         stages = []
         for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2))):
@@ -340,7 +345,7 @@ class ResNet(nn.Module):
 
 def resnet18(**kwargs: Any) -> ResNet:
     """CIFAR ResNet-18 (BasicBlock, [2, 2, 2, 2]); keyword arguments (``stem_stride``,
-    ``stem_channels``, ``stem_kernel``, ``in_channels``, ``num_classes``, ``mean``, ``std``)
+    ``stem_channels``, ``stem_kernel``, ``stem_padding``, ``in_channels``, ``num_classes``, ``mean``, ``std``)
     as for :class:`ResNet`."""
     return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
 

@@ -14,6 +14,8 @@ Each reconstruction lies in the set of images the model cannot tell apart from `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from harmless.errors import InputError
@@ -46,8 +48,13 @@ def _tv(y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
 
 
 def tv_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, steps: int = 200, lr: float = 0.02,
-              penalty: float = 100.0, max_iter: int = 100) -> torch.Tensor:
-    """Smoothed-TV minimisation over ``{x_hat + N(A)} ∩ [0, 1]^n`` (see the module docstring)."""
+              penalty: float = 100.0, max_iter: int = 100,
+              images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Smoothed-TV minimisation over ``{x_hat + N(A)} ∩ [0, 1]^n`` (see the module docstring).
+
+    ``images`` maps the batch to the images whose TV is minimised, e.g. :meth:`Tiling.merge
+    <harmless.privacy.tiles.Tiling.merge>` when the batch holds the tiles of larger images, so that
+    the prior also ties neighbouring tiles together; default: the batch itself."""
     proj = projector(space)
     if len(proj.input_shape) != 3:
         raise InputError(f"tv_attack needs image inputs (C, H, W), got input shape {proj.input_shape}")
@@ -65,7 +72,8 @@ def tv_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, steps
         opt.zero_grad()
         y = flat + c @ proj.null
         viol = (torch.relu(-y) ** 2 + torch.relu(y - 1.0) ** 2).sum(1)
-        loss = (_tv(y.reshape(b, *proj.input_shape)) + penalty * viol).sum()
+        batch = y.reshape(b, *proj.input_shape)
+        loss = _tv(batch if images is None else images(batch)).sum() + penalty * viol.sum()
         loss.backward()
         opt.step()
     with torch.no_grad():
