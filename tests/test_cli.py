@@ -282,6 +282,7 @@ def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
         with torch.no_grad():
             assert torch.allclose(model(x_hat), model(x), rtol=0, atol=1e-11)
         assert rec["png_output_deviation"] <= rec["png_output_deviation_naive"]
+        assert 0.0 <= rec["distance_bound"] <= 1e-3  # the QP's certificate is reported
     assert (out / "side_by_side.png").exists() and (out / "report.md").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
     # resumed: nothing is redone

@@ -95,21 +95,26 @@ def test_table2_rows_on_a_tiny_untrained_model() -> None:
     with torch.no_grad():
         y = model(x).argmax(1)
     x0 = x.clone()
-    rows, images = _run_setting("tiny", model, x, y, tv_steps=5, paper_steps=20)
+    rows, audit, images = _run_setting("tiny", model, x, y, tv_steps=5, paper_steps=20, tv_lp_images=2)
     assert torch.equal(x, x0)
-    assert len(rows) == 4 and all(len(r) == 12 for r in rows)
+    assert len(rows) == 4 and all(len(r) == 11 for r in rows)
     for row in rows[:3]:
         assert row[4] == "0.00% (0 changed)"  # Δacc of the float outputs, no prediction changed
         assert float(row[6]) <= 1e-12 and float(row[7]) <= 1e-12  # box violation, ‖A(x̂−x)‖
         assert float(row[8]) <= 1e-12  # |f(x̂) − f(x)|
         assert 0.0 <= float(row[2]) <= 1.0
-        converged, bound = row[11].split(" / ")
+        converged, bound = row[10].split(" / ")
         assert float(converged.rstrip("%")) == 100.0  # the interior-point method converges here
         assert float(bound) <= 1e-4
     assert rows[3][1].startswith("Gaussian")
+    attacks = [r[1] for r in audit]
+    assert any(a.startswith("TV, exact") for a in attacks) and any(a.startswith("min-norm") for a in attacks)
+    for row in audit:
+        assert -1.0 <= float(row[3]) <= 1.0  # SSIM of the reconstruction to the original
     for key, img in images.items():
-        assert img.shape == x.shape, key
-        assert float(img.min()) >= -1e-12 and float(img.max()) <= 1 + 1e-12, key
+        assert img.shape[1:] == x.shape[1:] and img.shape[0] == (2 if key.startswith("attack: TV, exact") else 6), key
+        if "min-norm" not in key:  # (I-P)x_hat may leave the box; everything else is in it
+            assert float(img.min()) >= -1e-12 and float(img.max()) <= 1 + 1e-12, key
 
 
 def test_table2_rows_tile_by_tile() -> None:
@@ -125,7 +130,7 @@ def test_table2_rows_tile_by_tile() -> None:
     with torch.no_grad():
         y = model(x).argmax(1)
     tiles = tiling(model, (3, 14, 21), 7)
-    rows, images = _run_setting("tiny-tiles", model, x, y, tv_steps=5, paper_steps=20, tiles=tiles)
+    rows, _, images = _run_setting("tiny-tiles", model, x, y, tv_steps=5, paper_steps=20, tiles=tiles)
     for row in rows[:3]:
         assert row[4] == "0.00% (0 changed)"
         assert float(row[6]) <= 1e-12 and float(row[7]) <= 1e-12 and float(row[8]) <= 1e-12

@@ -235,3 +235,50 @@ def test_projection_batch_equals_per_sample_and_chunks(monkeypatch):
     assert torch.allclose(y, chunked, atol=1e-7)
     again, _ = project_affine_box(space, x, t)
     assert torch.equal(chunked, again)  # deterministic
+
+
+def _anisotropic_tv(img):
+    return float((img[..., 1:, :] - img[..., :-1, :]).abs().sum() + (img[..., :, 1:] - img[..., :, :-1]).abs().sum())
+
+
+def test_tv_lp_attack_is_the_exact_minimum_and_stays_in_the_set():
+    from scipy.optimize import linprog
+
+    from harmless.privacy.audit import _differences, tv_lp_attack
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 30), nn.ReLU(), nn.Linear(30, 3)).double().eval()
+    space = harmless.harmless_subspace(model, (2, 6, 6))
+    x = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[:, :, :2] = 0.0
+    grey, noisy = privatize_decoy(space, x, "grey"), privatize_decoy(space, x, "noise")
+    x0 = grey.x_hat.clone()
+    rec = tv_lp_attack(space, grey.x_hat)
+    assert torch.equal(grey.x_hat, x0)  # input not modified
+    assert float(rec.min()) >= -1e-12 and float(rec.max()) <= 1 + 1e-12
+    with torch.no_grad():
+        assert torch.allclose(model(rec), model(x), rtol=1e-10, atol=1e-12)
+    other = tv_lp_attack(space, noisy.x_hat)  # the set, hence the attack, does not depend on x_hat
+    a = model[1].weight.detach().numpy()
+    diff = _differences((2, 6, 6)).toarray()
+    n, p = 72, diff.shape[0]
+    for k in range(3):
+        tv = _anisotropic_tv(rec[k])
+        assert tv <= _anisotropic_tv(grey.x_hat[k]) + 1e-9 and tv <= _anisotropic_tv(x[k]) + 1e-9
+        assert abs(tv - _anisotropic_tv(other[k])) <= 1e-7 * max(1.0, tv)
+        # the oracle: the same LP by another algorithm (dual simplex), written out densely here
+        xk = x[k].reshape(-1).numpy()
+        ub = np.block([[diff, -np.eye(p)], [-diff, -np.eye(p)]])
+        ref = linprog(np.r_[np.zeros(n), np.ones(p)], A_ub=ub, b_ub=np.zeros(2 * p),
+                      A_eq=np.c_[a, np.zeros((a.shape[0], p))], b_eq=a @ xk,
+                      bounds=[(0, 1)] * n + [(0, None)] * p, method="highs-ds")
+        assert ref.status == 0
+        assert abs(tv - ref.fun) <= 1e-7 * max(1.0, ref.fun)
+
+
+def test_tv_lp_attack_needs_images():
+    from harmless.privacy.audit import tv_lp_attack
+
+    _, space = _tiny()
+    with pytest.raises(InputError, match="image inputs"):
+        tv_lp_attack(space, _x())

@@ -7,22 +7,31 @@ The released ``x_hat = x + delta`` has ``delta`` in ``N(A)``, so the harmful par
 * ``box``: the point of ``{x_hat + N(A)} ∩ [0, 1]^n`` nearest to the min-norm one;
 * ``tv``: a total-variation prior: Adam on a smoothed TV of ``x_hat + U c`` (images with height and
   width) with a penalty for leaving ``[0, 1]``, finished by the exact projection onto
-  ``{x_hat + N(A)} ∩ [0, 1]^n``.
+  ``{x_hat + N(A)} ∩ [0, 1]^n``;
+* ``tv_lp``: the same prior solved exactly: the image of least anisotropic total variation in
+  ``{x_hat + N(A)} ∩ [0, 1]^n``, a linear program (HiGHS's interior-point solver through SciPy),
+  finished by the same exact projection. Its optimum is global, so it is the attack to report;
+  ``tv`` is the one that scales to images whose LP would be too large.
 
-Each reconstruction lies in the set of images the model cannot tell apart from ``x``.
+Each reconstruction lies in the set of images the model cannot tell apart from ``x``. That set
+is the same for every harmless ``x_hat`` released for ``x``, so no choice of ``x_hat`` changes what
+these attacks recover.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from scipy import sparse
+from scipy.optimize import linprog
 
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
-from harmless.privacy.core import Projector, _check_positive, _images, _project_flat, projector
+from harmless.privacy.core import Projector, _check_positive, _images, _project_flat, _repair, projector
 
-__all__ = ["min_norm_attack", "box_attack", "tv_attack", "audit"]
+__all__ = ["min_norm_attack", "box_attack", "tv_attack", "tv_lp_attack", "audit"]
 
 
 def min_norm_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor) -> torch.Tensor:
@@ -82,11 +91,65 @@ def tv_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, steps
     return out.reshape(b, *proj.input_shape)
 
 
+def _differences(shape: tuple[int, ...]) -> sparse.csr_matrix:
+    """Forward differences along height and width, per channel, as a sparse ``(p, n)`` matrix."""
+    idx = np.arange(int(np.prod(shape))).reshape(shape)
+    pairs = [(idx[..., 1:, :], idx[..., :-1, :]), (idx[..., :, 1:], idx[..., :, :-1])]
+    blocks = []
+    for a, b in pairs:
+        m = a.size
+        rows = np.arange(m)
+        blocks.append(sparse.csr_matrix((np.r_[np.ones(m), -np.ones(m)], (np.r_[rows, rows], np.r_[a.ravel(), b.ravel()])),
+                                        shape=(m, idx.size)))
+    return sparse.vstack(blocks).tocsr()
+
+
+def tv_lp_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    """The image of least anisotropic total variation ``sum |z_i - z_j|`` (horizontal and vertical
+    neighbours, per channel) among all with the model's output on ``x_hat``, exactly:
+
+        min 1.s  s.t.  -s <= D z <= s,  A z = A x_hat,  0 <= z <= 1,
+
+    an LP per image solved by HiGHS (``scipy.optimize.linprog``, interior point with crossover),
+    then made exactly feasible by the repair of :func:`~harmless.privacy.core.project_affine_box`
+    (the LP's feasibility tolerance is 1e-10). About 3 s for a 28x28 image and 10 s for a 3x32x32 one on a 2-core machine."""
+    from tqdm import tqdm
+
+    proj = projector(space)
+    if len(proj.input_shape) != 3:
+        raise InputError(f"tv_lp_attack needs image inputs (C, H, W), got input shape {proj.input_shape}")
+    xh = _images(proj, x_hat, "x_hat").reshape(-1, proj.n)
+    n = proj.n
+    diff = _differences(proj.input_shape)
+    p = diff.shape[0]
+    a = proj.matrix.numpy()
+    a_sparse = sparse.csr_matrix(np.where(a != 0, a, 0.0))
+    eye = sparse.identity(p, format="csr")
+    a_ub = sparse.vstack([sparse.hstack([diff, -eye]), sparse.hstack([-diff, -eye])]).tocsr()
+    a_eq = sparse.hstack([a_sparse, sparse.csr_matrix((a.shape[0], p))]).tocsr()
+    cost = np.r_[np.zeros(n), np.ones(p)]
+    bounds = np.c_[np.r_[np.zeros(n), np.zeros(p)], np.r_[np.ones(n), np.full(p, np.inf)]]
+    out = []
+    for k, row in enumerate(tqdm(xh, desc="tv-lp attack", unit="image", disable=not progress or None)):
+        v = row.numpy()
+        res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * p), A_eq=a_eq, b_eq=a @ v, bounds=bounds, method="highs-ipm",
+                      options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10,
+                               "ipm_optimality_tolerance": 1e-10})
+        if res.status != 0:  # the LP is feasible (x_hat itself) and bounded (TV >= 0): the solver failed
+            raise RuntimeError(f"tv_lp_attack: HiGHS failed on image {k}: {res.message}")
+        out.append(torch.from_numpy(res.x[:n]))
+    # the LP's point is feasible to ~1e-13 and sits on faces of the box, where an interior-point
+    # projection would only blur it by ~sqrt(mu): repair it in place instead
+    exact, _ = _repair(proj, xh, torch.stack(out))
+    return exact.reshape(-1, *proj.input_shape)
+
+
 def audit(space: HarmlessSubspace | Projector, x: torch.Tensor, x_hat: torch.Tensor, *, lpips: bool = True,
-          tv_steps: int = 200) -> dict[str, dict[str, float]]:
+          tv_steps: int = 200, tv_lp: bool = True) -> dict[str, dict[str, float]]:
     """Run every attack on ``x_hat``; return per attack the mean SSIM / PSNR / (LPIPS) of its
     reconstruction to the original ``x`` (reconstructions clipped to ``[0, 1]`` for the metrics),
-    plus ``"released"``: the same for ``x_hat`` itself."""
+    plus ``"released"``: the same for ``x_hat`` itself. ``tv_lp``: include the exact TV attack
+    (an LP per image, seconds each)."""
     from harmless import metrics
 
     proj = projector(space)
@@ -95,6 +158,8 @@ def audit(space: HarmlessSubspace | Projector, x: torch.Tensor, x_hat: torch.Ten
             "box": box_attack(proj, x_hat)}
     if len(proj.input_shape) == 3 and tv_steps > 0:
         recs["tv"] = tv_attack(proj, x_hat, steps=tv_steps)
+    if len(proj.input_shape) == 3 and tv_lp:
+        recs["tv_lp"] = tv_lp_attack(proj, x_hat)
     out: dict[str, dict[str, float]] = {}
     for name, rec in recs.items():
         r = rec.clamp(0.0, 1.0)

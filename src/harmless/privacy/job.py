@@ -43,6 +43,7 @@ class ImageRecord:
     png_output_deviation_naive: float  # ||A (q - x)|| after plain 8-bit rounding
     png_output_deviation: float  # after the rounding that stays closest to the harmless set
     ssim: float
+    distance_bound: float  # certified ||x_hat - x_hat*|| to the exact optimum of the QP
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -124,7 +125,7 @@ def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_d
         if src not in todo:
             exact, png = _outputs(src, out_dir)
             records.append(ImageRecord(str(src), str(exact), str(png), "skipped (already done)",
-                                       *([float("nan")] * 5)))
+                                       *([float("nan")] * 6)))
     gen = torch.Generator().manual_seed(seed)
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     bar = tqdm(total=len(todo), desc="privatize", unit="image", disable=not progress or None)
@@ -147,7 +148,8 @@ def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_d
             records.append(ImageRecord(
                 str(src), str(exact), str(png), "privatised", float(res.box_violation[i]),
                 float(res.output_deviation[i]), float(quant.naive_deviation[i]),
-                float(quant.improved_deviation[i]), float(quality[i])))
+                float(quant.improved_deviation[i]), float(quality[i]),
+                float(res.info["projection"].distance_bound[i])))
         if len(shown) < 6:
             take = min(6 - len(shown), len(batch))
             recon = tv_attack(space, res.x_hat[:take])
@@ -161,14 +163,16 @@ def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_d
     lines = ["# harmless privatize report", "",
              f"method: {method}" + (f" (decoy: {decoy})" if method == "decoy" else "")
              + f"; harmless dimension {space.dim} of {space.ambient_dim}", "",
-             "| image | status | max box violation | ‖A(x̂−x)‖ | 8-bit ‖A(q−x)‖ naive → ours | SSIM to original |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| image | status | max box violation | ‖A(x̂−x)‖ | 8-bit ‖A(q−x)‖ naive → ours | SSIM to original "
+             "| certified ‖x̂−x̂*‖ |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         if r.status == "privatised":
             lines.append(f"| {Path(r.source).name} | {r.status} | {r.box_violation:.1e} | {r.output_deviation:.1e} | "
-                         f"{r.png_output_deviation_naive:.2e} → {r.png_output_deviation:.2e} | {r.ssim:.3f} |")
+                         f"{r.png_output_deviation_naive:.2e} → {r.png_output_deviation:.2e} | {r.ssim:.3f} | "
+                         f"{r.distance_bound:.1e} |")
         else:
-            lines.append(f"| {Path(r.source).name} | {r.status} | | | | |")
+            lines.append(f"| {Path(r.source).name} | {r.status} | | | | | |")
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     if shown:
         _figure(shown, out_dir / "side_by_side.png")
