@@ -316,3 +316,42 @@ def test_privatize_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path,
     code, _, err = run(capsys, "privatize", "pvmodels3:model_a", str(tmp_path / "broken.png"), "--out",
                        str(tmp_path / "out"), "--input-shape", "1,28,28")
     assert code == EXIT_USER_ERROR and "cannot read" in one_error_line(err)
+
+
+PATCHIFY = (
+    "import torch\nfrom torch import nn\n"
+    "def model(stride=7):\n"
+    "    torch.manual_seed(0)\n"
+    "    return nn.Sequential(nn.Conv2d(3, 64, 7, stride=stride), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+    "                         nn.Linear(64, 5)).eval()\n"
+    "def overlapping():\n    return model(6)\n")
+
+
+def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from harmless.privacy.job import load_privatized, read_image
+
+    (tmp_path / "patchmodels.py").write_text(PATCHIFY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_pngs(tmp_path / "in", 2, size=35, mode="RGB")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "privatize", "patchmodels:model", str(tmp_path / "in"), "--out", str(out),
+                       "--input-shape", "3,35,35", "--tile", "7")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["tile"] == 7 and report["harmless_dim"] == 25 * (147 - 64)
+    from patchmodels import model
+
+    net = model().double()
+    for rec in report["images"]:
+        x = read_image(Path(rec["source"]), (3, 35, 35)).unsqueeze(0)
+        x_hat = load_privatized(rec["exact"]).unsqueeze(0)
+        assert float((x_hat - x).abs().max()) > 1e-2  # it does change the image
+        assert float(x_hat.min()) >= -1e-12 and float(x_hat.max()) <= 1 + 1e-12
+        with torch.no_grad():
+            assert torch.allclose(net(x_hat), net(x), rtol=0, atol=1e-11)
+        assert rec["output_deviation"] <= 1e-12 and rec["distance_bound"] <= 1e-3
+    # a stem whose windows overlap does not split: a clear error, nothing written
+    code, _, err = run(capsys, "privatize", "patchmodels:overlapping", str(tmp_path / "in"), "--out",
+                       str(tmp_path / "out2"), "--input-shape", "3,35,35", "--tile", "7")
+    assert code == EXIT_USER_ERROR and "does not split" in one_error_line(err)
+    assert not (tmp_path / "out2").exists()

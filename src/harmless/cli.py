@@ -182,7 +182,12 @@ def cmd_privatize(args: argparse.Namespace) -> int:
 
     model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
                                  data_dir=args.data_dir)
-    space = harmless_subspace(model, shape)
+    if args.tile is not None:
+        from harmless.privacy.tiles import tiling
+
+        space = tiling(model, shape, args.tile)
+    else:
+        space = harmless_subspace(model, shape)
     report = privatize_files(space, args.inputs, args.out, method=args.method, decoy=args.decoy,
                              batch_size=args.batch_size, seed=args.seed)
     print(f"wrote {report} (and report.md, side_by_side.png, one .privatized.png/.safetensors per image)")
@@ -283,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--method", choices=["decoy", "paper"], default="decoy",
                     help="decoy: the same-output image closest to a decoy (convex, exact); paper: Algorithm 1")
     pv.add_argument("--decoy", default="grey", help="grey, noise, shift (another input) or an image file")
+    pv.add_argument("--tile", type=int, metavar="T",
+                    help="solve tile by tile (T x T tiles): for large images and a first convolution with "
+                         "kernel = stride = T and no padding; checked before use")
     pv.add_argument("--batch-size", type=int, default=16)
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--weights", help="state-dict file for MODEL")

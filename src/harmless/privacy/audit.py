@@ -104,6 +104,9 @@ def _differences(shape: tuple[int, ...]) -> sparse.csr_matrix:
     return sparse.vstack(blocks).tocsr()
 
 
+_TIGHT = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10, "ipm_optimality_tolerance": 1e-10}
+
+
 def tv_lp_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
     """The image of least anisotropic total variation ``sum |z_i - z_j|`` (horizontal and vertical
     neighbours, per channel) among all with the model's output on ``x_hat``, exactly:
@@ -132,9 +135,15 @@ def tv_lp_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, pr
     out = []
     for k, row in enumerate(tqdm(xh, desc="tv-lp attack", unit="image", disable=not progress or None)):
         v = row.numpy()
-        res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * p), A_eq=a_eq, b_eq=a @ v, bounds=bounds, method="highs-ipm",
-                      options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10,
-                               "ipm_optimality_tolerance": 1e-10})
+        res = None
+        # tight tolerances first; HiGHS's interior point sometimes gives up on them (MNIST's
+        # digits), and its defaults (1e-7) are then good enough: the repair below is exact. The
+        # dual simplex, last, is slower (~10x) but the most robust
+        for method, options in (("highs-ipm", _TIGHT), ("highs-ipm", {}), ("highs-ds", {})):
+            res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * p), A_eq=a_eq, b_eq=a @ v, bounds=bounds,
+                          method=method, options=options)
+            if res.status == 0:
+                break
         if res.status != 0:  # the LP is feasible (x_hat itself) and bounded (TV >= 0): the solver failed
             raise RuntimeError(f"tv_lp_attack: HiGHS failed on image {k}: {res.message}")
         out.append(torch.from_numpy(res.x[:n]))

@@ -26,6 +26,7 @@ from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import save_figure, show_image
+from harmless.privacy.tiles import Tiling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -88,22 +89,37 @@ def _outputs(src: Path, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{src.stem}.privatized.safetensors", out_dir / f"{src.stem}.privatized.png"
 
 
-def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_dir: str | Path, *,
+def _per_image(values: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Per-tile norms (``||A (x_hat - x)||``, distance bounds) combined into per-image norms."""
+    return (values ** 2).reshape(-1, tiles).sum(1).sqrt()
+
+
+def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Path], out_dir: str | Path, *,
                     method: str = "decoy", decoy: str = "grey", batch_size: int = 16, progress: bool = True,
                     seed: int = 0) -> Path:
-    """Privatise every image in ``inputs`` into ``out_dir``; returns the JSON report's path."""
+    """Privatise every image in ``inputs`` into ``out_dir``; returns the JSON report's path.
+    ``space`` may be a :class:`~harmless.privacy.tiles.Tiling`: every QP is then solved tile by
+    tile, which is what makes large images (224 px and more) tractable."""
     from tqdm import tqdm
 
     from harmless.metrics import ssim
     from harmless.privacy.audit import tv_attack
-    from harmless.privacy.core import privatize_decoy, privatize_paper, quantize_harmless
+    from harmless.privacy.core import make_decoy, privatize_decoy, privatize_paper, quantize_harmless
+
+    tiles = space if isinstance(space, Tiling) else None
+    if tiles is not None:
+        space, whole = tiles.part, tiles.whole
+        split, merge, per_image = tiles.split, tiles.merge, tiles.tiles_per_image
+    else:
+        whole, per_image = space, 1
+        split = merge = _same
 
     if method not in ("paper", "decoy"):
         raise InputError(f"method must be 'paper' or 'decoy', got {method!r}")
-    if space.dim == 0:
+    if whole.dim == 0:
         raise InputError("the model's linear prefix is injective: there is no harmless perturbation to hide behind")
-    if len(space.input_shape) != 3:
-        raise InputError(f"privatize works on images (C, H, W); the model takes {space.input_shape}")
+    if len(whole.input_shape) != 3:
+        raise InputError(f"privatize works on images (C, H, W); the model takes {whole.input_shape}")
     out_dir = Path(out_dir)
     sources = collect_images(inputs)
     resolved_inputs = {p.resolve() for p in sources}
@@ -116,7 +132,7 @@ def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_d
                 raise InputError(f"output {out} would overwrite an input; choose another --out folder")
     decoy_image: str | torch.Tensor = decoy
     if method == "decoy" and decoy not in ("grey", "noise", "shift"):
-        decoy_image = read_image(Path(decoy), space.input_shape).unsqueeze(0)
+        decoy_image = read_image(Path(decoy), whole.input_shape).unsqueeze(0)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[ImageRecord] = []
@@ -131,38 +147,45 @@ def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_d
     bar = tqdm(total=len(todo), desc="privatize", unit="image", disable=not progress or None)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        x = torch.stack([read_image(p, space.input_shape) for p in batch]).to(space.dtype)
+        x = torch.stack([read_image(p, whole.input_shape) for p in batch]).to(space.dtype)
         if method == "paper":
-            res = privatize_paper(space, x, generator=gen)
+            res = privatize_paper(space, split(x), generator=gen)
+            label = res.method
         else:
-            d = decoy_image if isinstance(decoy_image, str) else decoy_image.expand_as(x)
-            res = privatize_decoy(space, x, d, generator=gen)
-        quant = quantize_harmless(space, res.x_hat, x)
-        quality = ssim(x, res.x_hat)
+            label = f"decoy-{decoy_image if isinstance(decoy_image, str) else 'image'}"
+            d = make_decoy(decoy_image if isinstance(decoy_image, str) else decoy_image[0], x, generator=gen)
+            res = privatize_decoy(space, split(x), split(d))
+        quant = quantize_harmless(space, res.x_hat, split(x))
+        x_hat, x_8bit = merge(res.x_hat), merge(quant.improved)
+        quality = ssim(x, x_hat)
+        box = res.box_violation.reshape(-1, per_image).amax(1)
+        deviations = [_per_image(v, per_image) for v in (res.output_deviation, quant.naive_deviation,
+                                                          quant.improved_deviation,
+                                                          res.info["projection"].distance_bound)]
         for i, src in enumerate(batch):
             exact, png = _outputs(src, out_dir)
             with atomic_path(exact) as tmp:
-                save_file({"x_hat": res.x_hat[i].contiguous(), "x_hat_8bit": quant.improved[i].contiguous()},
-                          str(tmp), metadata={"source": src.name, "method": res.method})
-            atomic_write_bytes(png, _png_bytes(quant.improved[i].reshape(space.input_shape)))
-            records.append(ImageRecord(
-                str(src), str(exact), str(png), "privatised", float(res.box_violation[i]),
-                float(res.output_deviation[i]), float(quant.naive_deviation[i]),
-                float(quant.improved_deviation[i]), float(quality[i]),
-                float(res.info["projection"].distance_bound[i])))
+                save_file({"x_hat": x_hat[i].contiguous(), "x_hat_8bit": x_8bit[i].contiguous()},
+                          str(tmp), metadata={"source": src.name, "method": label})
+            atomic_write_bytes(png, _png_bytes(x_8bit[i]))
+            out_dev, naive_dev, png_dev, bound = (float(v[i]) for v in deviations)
+            records.append(ImageRecord(str(src), str(exact), str(png), "privatised", float(box[i]), out_dev,
+                                       naive_dev, png_dev, float(quality[i]), bound))
         if len(shown) < 6:
             take = min(6 - len(shown), len(batch))
-            recon = tv_attack(space, res.x_hat[:take])
-            shown += [(x[i], res.x_hat[i], recon[i]) for i in range(take)]
+            recon = merge(tv_attack(space, split(x_hat[:take]), images=None if tiles is None else merge))
+            shown += [(x[i], x_hat[i], recon[i]) for i in range(take)]
         bar.update(len(batch))
     bar.close()
 
-    report = {"method": method, "decoy": decoy if method == "decoy" else None, "input_shape": list(space.input_shape),
-              "harmless_dim": space.dim, "images": [asdict(r) for r in records]}
+    report = {"method": method, "decoy": decoy if method == "decoy" else None, "input_shape": list(whole.input_shape),
+              "harmless_dim": whole.dim, "tile": tiles.tile if tiles is not None else None,
+              "images": [asdict(r) for r in records]}
     json_path = atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     lines = ["# harmless privatize report", "",
              f"method: {method}" + (f" (decoy: {decoy})" if method == "decoy" else "")
-             + f"; harmless dimension {space.dim} of {space.ambient_dim}", "",
+             + f"; harmless dimension {whole.dim} of {whole.ambient_dim}"
+             + (f"; solved tile by tile ({tiles.tile}x{tiles.tile})" if tiles is not None else ""), "",
              "| image | status | max box violation | ‖A(x̂−x)‖ | 8-bit ‖A(q−x)‖ naive → ours | SSIM to original "
              "| certified ‖x̂−x̂*‖ |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -177,6 +200,10 @@ def privatize_files(space: HarmlessSubspace, inputs: Sequence[str | Path], out_d
     if shown:
         _figure(shown, out_dir / "side_by_side.png")
     return json_path
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _figure(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path) -> None:
