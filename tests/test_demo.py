@@ -53,7 +53,7 @@ def test_privacy_demo_on_a_tiny_untrained_model(tmp_path: Path, capsys: pytest.C
     cases = [PrivacyCase("Fashion-MNIST", model, space, clothes, ("paper", "decoy")),
              PrivacyCase("MNIST", model, space, digits, ("decoy",))]
     path = tmp_path / "sub" / "privatize_fashion.png"
-    rows = privacy_demo(cases, path, tv_steps=10, paper_steps=20, use_lpips=False)
+    rows = privacy_demo(cases, path, paper_steps=20, use_lpips=False)
     out = capsys.readouterr().out
 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
