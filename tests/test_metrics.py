@@ -230,3 +230,13 @@ def test_lpips_public_properties(net):
     np.testing.assert_allclose(lpips(x.numpy(), y.numpy(), net=net), d, rtol=0, atol=1e-6)
     np.testing.assert_allclose(lpips(x[0], y[0], net=net), d[:1], rtol=0, atol=1e-6)
     assert lpips(x[:0], y[:0], net=net).shape == (0,)
+
+
+@pytest.mark.parametrize("scale, shift", [(255.0, 0.0), (2.0, -1.0)])
+def test_lpips_refuses_images_outside_the_unit_range(scale: float, shift: float) -> None:
+    from harmless.errors import InputError
+    from harmless.metrics import lpips
+
+    x = torch.rand(2, 3, 32, 32) * scale + shift
+    with pytest.raises(InputError, match=r"values in \[0, 1\]"):
+        lpips(x, torch.rand(2, 3, 32, 32))

@@ -123,6 +123,10 @@ def _prepare(x: object, name: str) -> torch.Tensor:
         raise InputError(f"{name} must have shape (N, 1 or 3, H, W) or (1 or 3, H, W), got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} contains non-finite values (nan or inf)")
+    # images in [0, 255] or [-1, 1] would give a plausible-looking wrong distance; allow the
+    # round-off of an exact privatisation (1e-12) and of float32 (1e-6), nothing more
+    if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+        raise InputError(f"{name} must have values in [0, 1], got range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
     x = x.detach().to(torch.float32)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)

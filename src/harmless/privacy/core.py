@@ -268,14 +268,19 @@ def _ipm(proj: Projector, a: torch.Tensor, t: torch.Tensor, *, tol: float,
     make each Newton system small: with ``h = 1 + lam/z + nu/(1-z)`` the step needs
     ``R diag(1/h) R^T`` (row space, ``r x r``) or ``U diag(h) U^T`` (null space, ``d x d``),
     whichever is smaller, one batched Cholesky factorisation per iteration for both the
-    predictor and the corrector. Unlike the dual Newton method it replaces, an interior-point
-    method does not care that the problem is degenerate (MNIST: ~600 pixels pinned at 0
-    against 256 constraints) and converges in a few dozen iterations on every image.
+    predictor and the corrector. An interior-point method does not mind that the problem is
+    degenerate (MNIST: ~600 pixels pinned at 0 against 256 constraints, where a semismooth
+    Newton method on the dual met its tolerance on 6-26 % of the images) and converges in a
+    few dozen iterations on every image.
 
     Per sample it stops once the relative primal residual ``||(I-P)(z-a)|| / max(1, ||a||)``,
-    the relative dual residual ``||P(z - t - lam + nu)|| / max(1, ||t||)`` and the mean
-    complementarity are all below ``tol``. Returns ``z`` (strictly inside the box), the bound
-    multipliers ``lam``, ``nu``, the per-sample converged flags and the iterations run."""
+    the relative dual residual ``||P(z - t - lam + nu)|| / max(1, ||t||, ||lam||, ||nu||)`` and
+    the mean complementarity are all below ``tol``, or when round-off stops its progress (five
+    iterations without a better iterate); it returns the best iterate (strictly inside the box),
+    the bound multipliers ``lam``, ``nu``, the per-sample converged flags and the iterations
+    run. The null-space systems are the worse conditioned near the end (``h`` grows like 1/mu
+    on pinned pixels): on CIFAR-size problems they stall at a relative residual of ~1e-9, which
+    the certificate then reports (a distance bound of ~1e-3 in the 3072-pixel L2 norm)."""
     b, n = t.shape
     use_range = proj.rank <= proj.dim
     basis = proj.row if use_range else proj.null  # (s, n), orthonormal rows
