@@ -35,7 +35,7 @@ from torch import nn
 from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import show_image
-from harmless.privacy.tiles import Tiling
+from harmless.privacy.tiles import Tiling, per_image_norms
 
 PAPER = "Paper (CIFAR-10, ResNet-50): harmless SSIM 0.4719, LPIPS 0.2031, Δacc 0.00%; Gaussian N(0,0.1²) SSIM 0.6825, LPIPS 0.3007, Δacc 32.46%."
 
@@ -94,7 +94,7 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     elif space is None:
         space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
     proj = projector(space)
-    split, merge = (tiles.split, tiles.merge) if tiles is not None else (_same, _same)
+    split, merge = (tiles.split, tiles.merge) if tiles is not None else (torch.nn.Identity(), torch.nn.Identity())
     per_image = tiles.tiles_per_image if tiles is not None else 1
     dims = f"{proj.dim * per_image} of {proj.n * per_image}" + (f" ({per_image} tiles)" if tiles is not None else "")
     _log(f"{name}: harmless dim {dims} ({time.time() - t0:.0f}s)")
@@ -127,12 +127,12 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         images[label] = xh
         with torch.no_grad():
             out_dev = float((model(xh) - model(x)).abs().max())
-        bound = (info.distance_bound ** 2).reshape(-1, per_image).sum(1).sqrt()
+        bound = per_image_norms(info.distance_bound, per_image)
         conv = info.converged.reshape(-1, per_image).all(1)
         rows.append([name, label, f"{metrics.ssim(xh.clamp(0, 1), x).mean():.4f}",
                      f"{metrics.lpips(xh.float().clamp(0, 1), x.float()).mean():.4f}", changes(xh),
                      f"{float(r.mse.mean()):.2e}", f"{float(r.box_violation.max()):.1e}",
-                     f"{float((r.output_deviation ** 2).reshape(-1, per_image).sum(1).sqrt().max()):.1e}",
+                     f"{float(per_image_norms(r.output_deviation, per_image).max()):.1e}",
                      f"{out_dev:.1e}", f"{changes(merge(q.naive))} / {changes(merge(q.improved))}",
                      _certificate(conv, float(bound.max()))])
         _log(f"{name}: {label} done ({time.time() - t0:.0f}s)")
@@ -167,10 +167,6 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                            f"{metrics.psnr(xh, x).mean():.2f}"])
     _log(f"{name}: attacks done ({time.time() - t0:.0f}s)")
     return rows, audit_rows, images
-
-
-def _same(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _full_test_set(name: str, model: nn.Module, space: HarmlessSubspace, x: torch.Tensor, y: torch.Tensor,

@@ -16,8 +16,9 @@ from harmless.privacy.core import (
     projector,
     quantize_harmless,
 )
+from harmless.privacy.tiles import Tiling, tiling
 
 __all__ = [
     "Projector", "ProjectionInfo", "QuantizeResult", "Result", "box_violation", "make_decoy", "privatize_decoy",
-    "privatize_paper", "project_affine_box", "projector", "quantize_harmless",
+    "privatize_paper", "project_affine_box", "projector", "quantize_harmless", "Tiling", "tiling",
 ]

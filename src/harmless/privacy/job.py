@@ -26,7 +26,7 @@ from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import save_figure, show_image
-from harmless.privacy.tiles import Tiling
+from harmless.privacy.tiles import Tiling, per_image_norms
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -89,11 +89,6 @@ def _outputs(src: Path, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{src.stem}.privatized.safetensors", out_dir / f"{src.stem}.privatized.png"
 
 
-def _per_image(values: torch.Tensor, tiles: int) -> torch.Tensor:
-    """Per-tile norms (``||A (x_hat - x)||``, distance bounds) combined into per-image norms."""
-    return (values ** 2).reshape(-1, tiles).sum(1).sqrt()
-
-
 def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Path], out_dir: str | Path, *,
                     method: str = "decoy", decoy: str = "grey", batch_size: int = 16, progress: bool = True,
                     seed: int = 0) -> Path:
@@ -112,7 +107,7 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
         split, merge, per_image = tiles.split, tiles.merge, tiles.tiles_per_image
     else:
         whole, per_image = space, 1
-        split = merge = _same
+        split = merge = torch.nn.Identity()
 
     if method not in ("paper", "decoy"):
         raise InputError(f"method must be 'paper' or 'decoy', got {method!r}")
@@ -159,7 +154,7 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
         x_hat, x_8bit = merge(res.x_hat), merge(quant.improved)
         quality = ssim(x, x_hat)
         box = res.box_violation.reshape(-1, per_image).amax(1)
-        deviations = [_per_image(v, per_image) for v in (res.output_deviation, quant.naive_deviation,
+        deviations = [per_image_norms(v, per_image) for v in (res.output_deviation, quant.naive_deviation,
                                                           quant.improved_deviation,
                                                           res.info["projection"].distance_bound)]
         for i, src in enumerate(batch):
@@ -200,10 +195,6 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
     if shown:
         _figure(shown, out_dir / "side_by_side.png")
     return json_path
-
-
-def _same(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _figure(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path) -> None:

@@ -24,7 +24,13 @@ from torch import nn
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
 
-__all__ = ["Tiling", "tiling"]
+__all__ = ["Tiling", "tiling", "per_image_norms"]
+
+
+def per_image_norms(values: torch.Tensor, tiles_per_image: int) -> torch.Tensor:
+    """Per-tile norms (``||A (x_hat - x)||``, distance bounds) combined into per-image norms: the
+    root sum of squares over each image's tiles (consecutive, as :meth:`Tiling.split` orders them)."""
+    return (values ** 2).reshape(-1, tiles_per_image).sum(1).sqrt()
 
 
 @dataclasses.dataclass(frozen=True)
