@@ -292,7 +292,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[
     paths = [save_text(text, out_dir / "table2.md")]
 
     cols = ["original", "harmless (paper, Alg. 1 + exact projection)", "harmless (decoy: flat grey)", "attack"]
-    fig, axes = plt.subplots(len(figs), len(cols), figsize=(2.0 * len(cols), 2.1 * len(figs)))
+    fig, axes = plt.subplots(len(figs), len(cols), figsize=(2.0 * len(cols), 2.5 * len(figs)))
+    fig.subplots_adjust(hspace=0.45)  # room for the attack column's title on every row
     for i, sname in enumerate(figs):
         # the strongest attack run on this setting: the exact TV where there is one
         attack = max((k for k in figs[sname] if k.startswith("attack: TV")), key=lambda k: "exact" in k)
