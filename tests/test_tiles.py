@@ -4,7 +4,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import harmless
 from harmless.errors import InputError
 from harmless.nn import Normalize
 from harmless.privacy import privatize_decoy, project_affine_box
