@@ -9,8 +9,8 @@ The released ``x_hat = x + delta`` has ``delta`` in ``N(A)``, so the harmful par
   width) with a penalty for leaving ``[0, 1]``, finished by the exact projection onto
   ``{x_hat + N(A)} ∩ [0, 1]^n``;
 * ``tv_lp``: the same prior solved exactly: the image of least anisotropic total variation in
-  ``{x_hat + N(A)} ∩ [0, 1]^n``, a linear program (HiGHS's interior-point solver through SciPy),
-  finished by the same exact projection. Its optimum is global, so it is the attack to report;
+  ``{x_hat + N(A)} ∩ [0, 1]^n``, a linear program (HiGHS through SciPy), made exactly feasible
+  by the projection's repair step. Its optimum is global, so it is the attack to report;
   ``tv`` is the one that scales to images whose LP would be too large.
 
 Each reconstruction lies in the set of images the model cannot tell apart from ``x``. That set
@@ -113,9 +113,9 @@ def tv_lp_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, pr
 
         min 1.s  s.t.  -s <= D z <= s,  A z = A x_hat,  0 <= z <= 1,
 
-    an LP per image solved by HiGHS (``scipy.optimize.linprog``, interior point with crossover),
-    then made exactly feasible by the repair of :func:`~harmless.privacy.core.project_affine_box`
-    (the LP's feasibility tolerance is 1e-10). About 3 s for a 28x28 image and 10 s for a 3x32x32 one on a 2-core machine."""
+    an LP per image solved by HiGHS (``scipy.optimize.linprog``: interior point with crossover at
+    tolerances of 1e-10, else at HiGHS's defaults of 1e-7, else the dual simplex), then made
+    exactly feasible by the repair of :func:`~harmless.privacy.core.project_affine_box`. About 3 s for a 28x28 image and 10 s for a 3x32x32 one on a 2-core machine."""
     from tqdm import tqdm
 
     proj = projector(space)
@@ -135,7 +135,6 @@ def tv_lp_attack(space: HarmlessSubspace | Projector, x_hat: torch.Tensor, *, pr
     out = []
     for k, row in enumerate(tqdm(xh, desc="tv-lp attack", unit="image", disable=not progress or None)):
         v = row.numpy()
-        res = None
         # tight tolerances first; HiGHS's interior point sometimes gives up on them (MNIST's
         # digits), and its defaults (1e-7) are then good enough: the repair below is exact. The
         # dual simplex, last, is slower (~10x) but the most robust
