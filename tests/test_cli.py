@@ -49,9 +49,11 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in out
 
 
-def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, )
-    assert code == 0 and "usage: harmless" in out
+@pytest.mark.parametrize("argv", [[], ["data"], ["fingerprint"]])
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_USER_ERROR
+    assert out == "" and "usage: harmless" in err
 
 
 def test_console_script_entry_point() -> None:
@@ -231,6 +233,34 @@ def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFi
                        "--probe-dataset", "foolbox-mnist", *common)
     assert code == EXIT_USER_ERROR and "overwrite" in one_error_line(err)
     assert fp.read_bytes() == before
+
+
+def test_fingerprint_create_out_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path,
+                                               monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "fpmodels4.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "fps"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, "fingerprint", "create", "fpmodels4:model_a", "--out", str(folder),
+                           "--probe-dataset", "foolbox-mnist", "--input-shape", "1,28,28", *extra)
+        assert code == EXIT_USER_ERROR
+        line = one_error_line(err)
+        assert "--out" in line and "is a directory" in line
+    assert list(folder.iterdir()) == []
+
+
+def test_weights_that_are_a_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    code, _, err = run(capsys, "analyze", "mlp5:mnist", "--weights", str(tmp_path))
+    assert code == EXIT_USER_ERROR
+    line = one_error_line(err)
+    assert "is a directory" in line and "not found" not in line
+
+
+def test_model_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    code, _, err = run(capsys, "analyze", str(tmp_path), "--input-shape", "3,32,32")
+    assert code == EXIT_USER_ERROR
+    assert "is a directory" in one_error_line(err)
 
 
 def test_fingerprint_verify_rejects_a_tampered_file(capsys: pytest.CaptureFixture[str], tmp_path,

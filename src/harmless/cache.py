@@ -52,6 +52,29 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
             tmp_path.unlink()
 
 
+def require_file_path(path: str | os.PathLike[str], *, what: str = "output file") -> Path:
+    """``path`` as a :class:`Path`, refused with an :class:`InputError` when it is an existing
+    folder: writing a file there would otherwise fail deep inside an atomic write with a
+    message about something else (``FileExistsError``, ``IsADirectoryError``)."""
+    from harmless.errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory; give a file path (e.g. {path / 'name'})")
+    return path
+
+
+def require_folder_path(path: str | os.PathLike[str], *, what: str = "output folder") -> Path:
+    """``path`` as a :class:`Path`, refused with an :class:`InputError` when it exists and is
+    not a folder (files are written into it)."""
+    from harmless.errors import InputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path} is an existing file, not a folder; give a folder path")
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:

@@ -142,9 +142,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_fingerprint_create(args: argparse.Namespace) -> int:
     import torch
 
-    from harmless.fingerprint import create_fingerprint, probe_images, save_fingerprint
+    from harmless.fingerprint import check_fingerprint_path, create_fingerprint, probe_images, save_fingerprint
     from harmless.models import DATASETS, is_zoo_spec, parse_spec
 
+    check_fingerprint_path(args.out, overwrite=args.overwrite, what="--out")  # before any work
     model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
                                  data_dir=args.data_dir)
     dataset = args.probe_dataset or (DATASETS[parse_spec(args.model).dataset].name
@@ -323,8 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else EXIT_USER_ERROR
+        # A missing command (or action) is a usage error, like any other bad argument:
+        # the help goes to stderr, so nothing on stdout looks like a result.
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

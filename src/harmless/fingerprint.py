@@ -52,7 +52,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from harmless.cache import atomic_path
+from harmless.cache import atomic_path, require_file_path
 from harmless.errors import HarmlessError, InputError, NoHarmlessSubspaceError
 from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, MatrixOperator
 from harmless.linalg.rank import dense_svd_rank, svd_rank
@@ -67,6 +67,7 @@ __all__ = [
     "Fingerprint",
     "FingerprintError",
     "FingerprintExistsError",
+    "check_fingerprint_path",
     "Verdict",
     "create_fingerprint",
     "exclusion_basis",
@@ -516,6 +517,17 @@ def _float64_copy(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- storage
 
 
+def check_fingerprint_path(path: str | Path, *, overwrite: bool = False, what: str = "fingerprint path") -> Path:
+    """Where :func:`save_fingerprint` may write: a file path (not a folder) that does not exist
+    yet, unless ``overwrite``. Called by :func:`save_fingerprint`, and by the command line
+    before any work, so a bad ``--out`` fails at once rather than after the fingerprint is drawn."""
+    path = require_file_path(path, what=what)
+    if not overwrite and path.exists():
+        raise FingerprintExistsError(f"refusing to overwrite existing file {path} "
+                                     "(pass overwrite=True, or --overwrite on the command line)")
+    return path
+
+
 def save_fingerprint(fp: Fingerprint, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``fp`` to one ``.safetensors`` file, atomically.
 
@@ -528,13 +540,11 @@ def save_fingerprint(fp: Fingerprint, path: str | Path, *, overwrite: bool = Fal
     """
     from safetensors.torch import save
 
-    path = Path(path)
+    path = check_fingerprint_path(path, overwrite=overwrite)
     _validate(fp.header(), fp.tensors())
     tensors = fp.tensors()
     metadata = {_METADATA_KEY: _canonical_json(fp.header()), _CHECKSUM_KEY: _checksum(fp.header(), tensors)}
     data = save(tensors, metadata=metadata)
-    if not overwrite and path.exists():
-        raise FingerprintExistsError(f"refusing to overwrite existing file {path} (pass overwrite=True, or --overwrite on the command line)")
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(data)
     return path

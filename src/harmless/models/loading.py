@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harmless.errors import DataUnavailableError, ModelSpecError, TrainingModeWarning, UnsafeCheckpointError
+from harmless.errors import DataUnavailableError, InputError, ModelSpecError, TrainingModeWarning, UnsafeCheckpointError
 from harmless.models.registry import build_model, is_zoo_spec, parse_spec, zoo_names
 
 __all__ = [
@@ -91,6 +91,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     (unreadable, or not a state dict).
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"weights {path} is a directory, not a weights file (.pt or .safetensors)")
     if not path.is_file():
         raise DataUnavailableError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -295,6 +297,8 @@ def load_model(
         if weights is not None:
             apply_state_dict(model, load_state_dict_file(weights), str(weights))
         return _ensure_eval(model, f"{text}()")
+    if text and path.is_dir():
+        raise InputError(f"model {path} is a directory, not a TorchScript file, zoo spec or package.module:factory")
     if text.lower().endswith(_WEIGHT_SUFFIXES) or os.sep in text:
         raise DataUnavailableError(f"model file not found: {path}")
     raise ModelSpecError(
