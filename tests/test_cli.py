@@ -205,6 +205,48 @@ def test_models_train_cifar_without_data_says_untrained(capsys: pytest.CaptureFi
     assert "untrained" in out
 
 
+@pytest.fixture
+def tiny_training_data(tmp_path, monkeypatch) -> list[str]:  # noqa: ANN001
+    """An empty private cache, and 256 synthetic images in place of every zoo training/test set,
+    so that "training" a zoo model takes a fraction of a second. Returns the datasets asked for."""
+    from types import SimpleNamespace
+
+    from harmless.models import train as train_mod
+
+    monkeypatch.setenv("HARMLESS_CACHE", str(tmp_path / "cache"))
+    asked: list[str] = []
+
+    def fake_split(dataset: str, split: str, data_dir: object) -> SimpleNamespace:
+        asked.append(f"{dataset}/{split}")
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return SimpleNamespace(images=torch.randint(0, 256, (256, 1, 28, 28), generator=g, dtype=torch.uint8),
+                               targets=torch.randint(0, 10, (256,), generator=g))
+
+    monkeypatch.setattr(train_mod, "_load_split", fake_split)
+    return asked
+
+
+def test_models_train_another_seed_keeps_seed_0(capsys: pytest.CaptureFixture[str],
+                                                tiny_training_data: list[str]) -> None:
+    from harmless.models import checkpoint_paths, get_model
+
+    assert run(capsys, "models", "train", "mlp5:mnist", "--quiet")[0] == 0
+    seed0 = checkpoint_paths("mlp5:mnist")[0].read_bytes()
+    code, out, err = run(capsys, "models", "train", "mlp5:mnist", "--seed", "1", "--quiet")
+    assert code == 0, err
+    assert "seed 1" in out
+    assert checkpoint_paths("mlp5:mnist")[0].read_bytes() == seed0  # not overwritten
+    assert checkpoint_paths("mlp5:mnist", 1)[0].read_bytes() != seed0
+    got = get_model("mlp5:mnist", train=False)
+    assert got.from_cache and got.seed == 0
+    # asked again, seed 1 comes from the cache like seed 0 does
+    trainings = len(tiny_training_data)
+    code, out, _ = run(capsys, "models", "train", "mlp5:mnist", "--seed", "1", "--quiet")
+    assert code == 0 and "from cache" in out and len(tiny_training_data) == trainings
+    code, _, err = run(capsys, "models", "train", "mlp5:mnist", "--seed", "-1", "--quiet")
+    assert code == EXIT_USER_ERROR and "seed" in one_error_line(err)
+
+
 FACTORY = (
     "import torch\nfrom torch import nn\n"
     "def _mlp(seed):\n"

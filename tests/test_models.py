@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from harmless.errors import DataUnavailableError, ModelSpecError, UnsafeCheckpointError
+from harmless.errors import DataUnavailableError, InputError, ModelSpecError, UnsafeCheckpointError
 from harmless.models import (
     ZOO,
     CheckpointWarning,
@@ -361,10 +361,43 @@ def test_get_model_without_training():
 # ----------------------------------------------------------------------------- cache integrity
 
 
-def _fake_checkpoint(spec="mlp5:mnist", seed=4):
-    model = build_model(spec, seed=seed)
+def _fake_checkpoint(spec="mlp5:mnist", seed=0, init=4):
+    """A checkpoint as if trained with ``seed``; its weights are the random init ``init``."""
+    model = build_model(spec, seed=init)
     checkpoint_mod.save_checkpoint(spec, model, {"trained": True, "seed": seed, "epochs": 1, "test_accuracy": 0.5})
     return model
+
+
+def test_seed_is_part_of_the_cache_key():
+    seed0 = _fake_checkpoint(seed=0, init=4)
+    seed1 = _fake_checkpoint(seed=1, init=5)
+    # seed 0 keeps the name it always had (existing caches stay valid); seed 1 has its own
+    assert checkpoint_paths("mlp5:mnist")[0].name == "mlp5__mnist.safetensors"
+    assert checkpoint_paths("mlp5:mnist", 1)[0].name == "mlp5__mnist-seed1.safetensors"
+    assert checkpoint_paths("mlp5:mnist", 1)[0].exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain, other = get_model("mlp5:mnist", train=False), get_model("mlp5:mnist", train=False, seed=1)
+    assert plain.from_cache and plain.seed == 0 and _state_equal(plain.model, seed0)
+    assert other.from_cache and other.seed == 1 and _state_equal(other.model, seed1)
+    assert _state_equal(load_model("mlp5:mnist"), seed0)  # a plain spec always means seed 0
+
+
+def test_old_cache_entry_of_another_seed_is_not_used_as_seed_0():
+    # Before the seed was in the key, `--seed 1` wrote the seed-1 model under the plain name.
+    _fake_checkpoint(seed=0)
+    _, sidecar = checkpoint_paths("mlp5:mnist")
+    sidecar.write_text(sidecar.read_text().replace('"seed": 0', '"seed": 1'))
+    with pytest.warns(CheckpointWarning, match="seed 1"):
+        assert checkpoint_mod.load_checkpoint("mlp5:mnist") is None
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "1"])
+def test_bad_seed(seed):
+    with pytest.raises(InputError, match="seed"):
+        checkpoint_paths("mlp5:mnist", seed)
+    with pytest.raises(InputError, match="seed"):
+        train_zoo_model("mlp5:mnist", seed=seed)
 
 
 def test_cached_checkpoint_is_used():

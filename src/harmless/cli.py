@@ -92,16 +92,18 @@ def cmd_models_train(args: argparse.Namespace) -> int:
     from harmless.models import get_model, train_zoo_model
 
     for spec in args.specs:
-        if args.epochs is not None or args.seed != 0 or args.force:
+        # Each seed has its own cache entry, so another seed is reused like seed 0 is.
+        if args.epochs is not None or args.force:
             tm = train_zoo_model(spec, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
                                  progress=not args.quiet)
         else:
-            tm = get_model(spec, data_dir=args.data_dir, progress=not args.quiet)
+            tm = get_model(spec, data_dir=args.data_dir, progress=not args.quiet, seed=args.seed)
+        name = tm.spec.key if tm.seed == 0 else f"{tm.spec.key} (seed {tm.seed})"
         if tm.trained:
             where = "from cache" if tm.from_cache else "trained"
-            print(f"{tm.spec.key}: {where}, test accuracy {100 * tm.test_accuracy:.2f}% ({tm.checkpoint})")
+            print(f"{name}: {where}, test accuracy {100 * tm.test_accuracy:.2f}% ({tm.checkpoint})")
         else:
-            print(f"{tm.spec.key}: untrained (seeded random weights; pass --data-dir with CIFAR-10 to train)")
+            print(f"{name}: untrained (seeded random weights; pass --data-dir with CIFAR-10 to train)")
     return 0
 
 
@@ -265,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     m_train.add_argument("specs", nargs="+", metavar="SPEC", help="e.g. mlp5:mnist, lenet:fashion-mnist")
     m_train.add_argument("--data-dir", help="folder with a user-supplied dataset (CIFAR-10 python pickles)")
     m_train.add_argument("--epochs", type=int, help="override the default number of epochs (forces training)")
-    m_train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    m_train.add_argument("--seed", type=int, default=0,
+                         help="training seed (default 0); each seed is cached separately, and a plain "
+                              "MODEL always means seed 0")
     m_train.add_argument("--force", action="store_true", help="train even if a checkpoint is cached")
     m_train.add_argument("--quiet", action="store_true", help="no progress bar")
     m_train.set_defaults(func=cmd_models_train)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from harmless.cache import cache_dir
 from harmless.errors import DataUnavailableError, InputError, ModelSpecError
 from harmless.models.checkpoint import (
+    check_seed,
     checkpoint_paths,
     load_checkpoint,
     read_sidecar,
@@ -273,12 +274,13 @@ def train_zoo_model(
     count). ``epochs`` defaults to the spec's training recipe (5 for mlp5/lenet).
     ``max_train_samples`` trains on the first N training images only (for tests/smoke runs).
     ``save`` (default: only for full-data runs) stores the checkpoint in the cache,
-    replacing any earlier one for the spec.
+    replacing any earlier one for the spec and seed (each seed has its own cache entry).
 
     A CIFAR-10 spec without ``data_dir`` is not trained: it returns seeded random weights
     with ``trained=False`` (nothing is cached). The returned model is on the CPU, in eval mode.
     """
     ms = parse_spec(spec)
+    seed = check_seed(seed)
     if max_train_samples is not None and (
         isinstance(max_train_samples, bool)
         or not isinstance(max_train_samples, int)
@@ -348,15 +350,18 @@ def get_model(
     train: bool = True,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    seed: int = 0,
 ) -> TrainedModel:
-    """The cached checkpoint of ``spec`` if there is a sound one, else a newly trained one.
+    """The cached checkpoint of ``spec`` trained with ``seed`` (default 0: what a plain spec
+    always means) if there is a sound one, else a newly trained one.
 
     A corrupt cached checkpoint gives a :class:`~harmless.models.checkpoint.CheckpointWarning`
     and is re-trained. With ``train=False``, or for CIFAR-10 without ``data_dir``, a missing
-    checkpoint gives seeded random weights (seed 0, ``trained=False``) instead.
+    checkpoint gives random weights seeded with ``seed`` (``trained=False``) instead.
     """
     ms = parse_spec(spec)
-    loaded = load_checkpoint(ms)
+    seed = check_seed(seed)
+    loaded = load_checkpoint(ms, seed)
     if loaded is not None:
         model, meta = loaded
         return TrainedModel(
@@ -364,7 +369,7 @@ def get_model(
             ms,
             trained=bool(meta.get("trained", True)),
             test_accuracy=meta.get("test_accuracy"),
-            checkpoint=checkpoint_paths(ms)[0],
+            checkpoint=checkpoint_paths(ms, seed)[0],
             seed=int(meta.get("seed", 0)),
             epochs=int(meta.get("epochs", 0)),
             train_seconds=meta.get("train_seconds"),
@@ -373,8 +378,8 @@ def get_model(
             meta=meta,
         )
     if not train or (ms.dataset_info.needs_data_dir and data_dir is None):
-        return _random_init(ms, 0)
-    return train_zoo_model(ms, data_dir=data_dir, progress=progress, device=device, save=True)
+        return _random_init(ms, seed)
+    return train_zoo_model(ms, data_dir=data_dir, progress=progress, device=device, seed=seed, save=True)
 
 
 @dataclass(frozen=True)
