@@ -179,7 +179,7 @@ def test_analyze_zoo_untrained_table(capsys: pytest.CaptureFixture[str]) -> None
     from harmless.models import build_model
 
     space = harmless.harmless_subspace(build_model("resnet18:stem_stride=8"), (3, 32, 32))
-    assert f"input-level harmless subspace: dim {space.dim} of 3072" in out
+    assert f"input-level harmless subspace: dim {space.dim} of 3072" in out and space.run.complete
     assert f"H^(l) at the input of stem.conv: dim {space.dim} of 3072" in out
 
 
@@ -245,6 +245,52 @@ def test_models_train_another_seed_keeps_seed_0(capsys: pytest.CaptureFixture[st
     assert code == 0 and "from cache" in out and len(tiny_training_data) == trainings
     code, _, err = run(capsys, "models", "train", "mlp5:mnist", "--seed", "-1", "--quiet")
     assert code == EXIT_USER_ERROR and "seed" in one_error_line(err)
+
+
+def test_training_is_announced_before_it_starts(capsys: pytest.CaptureFixture[str], tiny_training_data: list[str],
+                                               monkeypatch) -> None:  # noqa: ANN001
+    from harmless.models import train as train_mod
+
+    before_training: list[str] = []
+    real_loop = train_mod.train_loop
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        before_training.append(capsys.readouterr().err)  # what the user saw when training began
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_loop", spy)
+    code, out, err = run(capsys, "analyze", "mlp5:mnist", "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"] == "mlp5:mnist"
+    [said] = before_training
+    lines = [ln for ln in said.splitlines() if ln.strip()]
+    assert len(lines) == 1, said
+    assert lines[0].startswith("harmless: training mlp5:mnist") and "5 epochs" in lines[0] and "roughly" in lines[0]
+    # cached now: nothing to announce the second time
+    code, _, err = run(capsys, "analyze", "mlp5:mnist", "--json")
+    assert code == 0 and "training" not in err and len(before_training) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "lenet:mnist"],
+    ["fingerprint", "create", "mlp5:mnist", "--out", "{tmp}/a.fp"],
+    ["fingerprint", "verify", "{tmp}/missing.fp", "mlp5:mnist"],
+    ["privatize", "mlp5:mnist", "{tmp}", "--out", "{tmp}/out"],
+])
+def test_no_train_refuses_instead_of_training(capsys: pytest.CaptureFixture[str], tiny_training_data: list[str],
+                                              tmp_path, argv: list[str]) -> None:  # noqa: ANN001
+    if argv[:2] == ["fingerprint", "verify"]:  # a fingerprint to verify against, of another model
+        from harmless.fingerprint import create_fingerprint, save_fingerprint
+
+        other = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+        save_fingerprint(create_fingerprint(other, (1, 28, 28), torch.rand(2, 1, 28, 28), k=1),
+                         tmp_path / "missing.fp")
+    code, out, err = run(capsys, *(a.format(tmp=tmp_path) for a in argv), "--no-train")
+    assert code == EXIT_USER_ERROR
+    line = one_error_line(err)
+    assert ":mnist" in line and "models train" in line
+    assert tiny_training_data == []  # nothing was trained
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a.fp").exists()
 
 
 FACTORY = (

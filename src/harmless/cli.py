@@ -8,7 +8,9 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
+import logging
 import re
 import sys
 import warnings
@@ -19,6 +21,11 @@ from harmless import __version__
 from harmless.errors import HarmlessError, InputError
 
 EXIT_USER_ERROR = 2
+
+# Whether a command may train a zoo model that is not in the cache (False under --no-train).
+# main() sets it for the whole command, so every model the command loads (MODEL, --exclude,
+# a suspect) obeys the flag without each command passing it on.
+_ALLOW_TRAINING: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_training", default=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -34,11 +41,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def resolve_model(spec: str, *, weights: str | None, input_shape: str | None, data_dir: str | None,
-                  progress: bool = True):  # noqa: ANN201 - (nn.Module, shape)
-    """Load the model named by ``spec`` and decide its input shape (a zoo model knows it)."""
+                  progress: bool = True, allow_training: bool | None = None):  # noqa: ANN201 - (nn.Module, shape)
+    """Load the model named by ``spec`` and decide its input shape (a zoo model knows it).
+    ``allow_training`` (default: as the command line says, see ``--no-train``): whether a zoo
+    model missing from the cache may be trained now."""
     from harmless.models import DATASETS, is_zoo_spec, load_model, parse_spec
 
-    model = load_model(spec, weights=weights, data_dir=data_dir, progress=progress)
+    if allow_training is None:
+        allow_training = _ALLOW_TRAINING.get()
+    model = load_model(spec, weights=weights, data_dir=data_dir, progress=progress,
+                       allow_training=allow_training)
     if input_shape is not None:
         return model, parse_shape(input_shape)
     if is_zoo_spec(spec):
@@ -216,6 +228,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------
+def _add_no_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-train", action="store_true",
+                        help="refuse (exit 2) instead of training a zoo model that is not in the cache")
+
+
 def _add_fingerprint_parser(sub: argparse._SubParsersAction) -> None:
     fpp = sub.add_parser("fingerprint", help="model fingerprints from harmless perturbations").add_subparsers(
         dest="fingerprint_command", metavar="ACTION")
@@ -232,6 +249,7 @@ def _add_fingerprint_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--weights", help="state-dict file for MODEL")
     c.add_argument("--input-shape", help="C,H,W for models outside the zoo")
     c.add_argument("--data-dir", help="user-supplied dataset folder")
+    _add_no_train(c)
     c.set_defaults(func=cmd_fingerprint_create)
     v = fpp.add_parser("verify", help="is SUSPECT the fingerprinted model? exit 0: same, 1: different")
     v.add_argument("fingerprint", metavar="FP", help="fingerprint file")
@@ -240,6 +258,7 @@ def _add_fingerprint_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--weights", help="state-dict file for SUSPECT")
     v.add_argument("--input-shape", help="C,H,W for models outside the zoo")
     v.add_argument("--data-dir", help="user-supplied dataset folder")
+    _add_no_train(v)
     v.set_defaults(func=cmd_fingerprint_verify)
 
 
@@ -282,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--layer", help="also report H^(l) at the input of this named layer")
     an.add_argument("--data-dir", help="user-supplied dataset folder for zoo models that need one")
     an.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_no_train(an)
     an.set_defaults(func=cmd_analyze)
 
     _add_fingerprint_parser(sub)
@@ -301,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--weights", help="state-dict file for MODEL")
     pv.add_argument("--input-shape", help="C,H,W for models outside the zoo")
     pv.add_argument("--data-dir", help="user-supplied dataset folder")
+    _add_no_train(pv)
     pv.set_defaults(func=cmd_privatize)
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
@@ -332,6 +353,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the help goes to stderr, so nothing on stdout looks like a result.
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    # The library reports progress (fetching data, training a model) through logging; the
+    # tool shows it on stderr, one line each, and removes its handler again (main() may run
+    # many times in one process, e.g. in tests).
+    logger = logging.getLogger("harmless")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("harmless: %(message)s"))
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    token = _ALLOW_TRAINING.set(not getattr(args, "no_train", False))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -346,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harmless: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _ALLOW_TRAINING.reset(token)
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
 
 
 if __name__ == "__main__":  # pragma: no cover

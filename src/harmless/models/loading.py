@@ -263,12 +263,14 @@ def load_model(
     weights: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    allow_training: bool = True,
 ) -> nn.Module:
     """Load a model from a TorchScript file, a zoo spec, or ``package.module:factory``.
 
     ``weights`` (a state-dict file) applies to zoo specs and factories. Zoo specs without
     ``weights`` come from the cache or are trained now (``data_dir``/``progress`` are passed
-    on). The model comes back on the CPU, in eval mode.
+    on); with ``allow_training=False`` a zoo model that would have to be trained raises
+    :class:`DataUnavailableError` instead. The model comes back on the CPU, in eval mode.
 
     Raises :class:`ModelSpecError` (unknown spec, bad factory, weights that do not fit),
     :class:`UnsafeCheckpointError` (a checkpoint that would run code) or
@@ -289,7 +291,15 @@ def load_model(
         if weights is None:
             from harmless.models.train import get_model
 
-            return _ensure_eval(get_model(ms, data_dir=data_dir, progress=progress).model, ms.key)
+            tm = get_model(ms, data_dir=data_dir, progress=progress, train=allow_training)
+            # untrained and not from the cache: get_model would have trained it if allowed
+            # (CIFAR-10 without data_dir never trains: its seeded random weights are the model)
+            if not tm.trained and not (ms.dataset_info.needs_data_dir and data_dir is None):
+                raise DataUnavailableError(
+                    f"{ms.key} is not trained yet (no cached checkpoint) and training was not allowed "
+                    f"(--no-train); train it first with `harmless models train {ms.key}`"
+                )
+            return _ensure_eval(tm.model, ms.key)
         model = apply_state_dict(build_model(ms, seed=0), load_state_dict_file(weights), str(weights))
         return _ensure_eval(model, ms.key)
     if _FACTORY_RE.fullmatch(text):
