@@ -143,7 +143,7 @@ def test_pgd_l2_matches_art_inside_box(models):
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_pgd_l2_matches_art(models, batch, arch):
     # With the box binding, the iterates differ (see above); the success rates on 200 samples
-    # agree within a point (measured: 86.5 % vs 87.0 % on the MLP, 98.5 % vs 98.5 % on the CNN).
+    # agree within a point (measured: identical, 85.5 % on the MLP, 99.5 % on the CNN).
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
     model, (x, y) = models[arch], batch
     eps = 1.0
@@ -159,9 +159,11 @@ def test_pgd_l2_matches_art(models, batch, arch):
 def test_deepfool_matches_art(models, batch, arch):
     # Differences by design: ART applies the overshoot once, at the end (x + 1.02·r), where we
     # apply it to every iterate (the reference code), and it takes the top-10 classes of the
-    # whole batch where we take each sample's own. Both find the same boundary crossings, so the
-    # success rates agree within a point and the per-sample L2 norms within 5 % in the median,
-    # 15 % for 90 % of the samples.
+    # whole batch where we take each sample's own. Both cross the same boundaries, so the success
+    # rates agree within a point and the per-sample L2 norms within the overshoot's reach:
+    # median ratio within 3 %, every sample within 10 % (measured: success 100 % for both;
+    # ratio ours/ART 0.979–1.000, median 0.981 (MLP) and 0.982 (CNN); ours is about 2 % smaller
+    # because the overshoot applied at every iterate crosses the boundary one step sooner).
     from art.attacks.evasion import DeepFool as ArtDeepFool
     model, (x, y) = models[arch], batch
     x, y = _correct(model, x, y)  # ART attacks the predicted class; for these it is y
@@ -170,15 +172,16 @@ def test_deepfool_matches_art(models, batch, arch):
                       verbose=False).generate(x.numpy())
     assert abs(ours.success_rate - _success_rate(model, art, y)) <= 0.01
     ratio = ours.l2 / _l2(art, x)
-    assert abs(float(ratio.median()) - 1) <= 0.05
-    assert float(((ratio - 1).abs() <= 0.15).double().mean()) >= 0.9
+    assert abs(float(ratio.median()) - 1) <= 0.03
+    assert float((ratio - 1).abs().max()) <= 0.10
 
 
 def test_cw_matches_art(models, batch):
-    # ART's C&W L2 descends with a line search instead of Adam and runs fewer iterations; on the
-    # same samples, both succeed everywhere and ours is at least as small in the median (Adam
-    # converges further); neither goes below DeepFool's norm / 1.02 by more than a few % (the
-    # boundary DeepFool crosses with 2 % overshoot; both attacks are local).
+    # ART's C&W L2 descends with a line search instead of Adam (10 iterations per constant here,
+    # against our 100 Adam steps, about the same time). On the same samples both succeed
+    # everywhere, ours is no larger in the median (measured: 0.895 against ART's 1.006, 11 %
+    # smaller), and neither goes below 0.9 × DeepFool's norm / 1.02, the boundary DeepFool
+    # crosses with its 2 % overshoot (measured: ≥ 1.11 for ours, ≥ 1.19 for ART's).
     from art.attacks.evasion import CarliniL2Method
     model, (x, y) = models["mlp"], batch
     x, y = _correct(model, x[:24], y[:24])
@@ -287,9 +290,17 @@ def test_contract(models, name, dtype):
 def _mlp_copy(models, dtype):
     model = _mlp()
     model.load_state_dict(models["mlp"].state_dict())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(dtype).eval()
+    return model.to(dtype).eval()  # parameters require grad: the attacks must not fill p.grad
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_runs_under_no_grad(models, name):
+    # A caller's torch.no_grad() must not switch the attacks' own gradients off.
+    model, x, y = models["mlp"], *_data(8, 4)
+    ref = _attacks()[name](model, x, y, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        r = _attacks()[name](model, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(r.x_adv, ref.x_adv)
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
