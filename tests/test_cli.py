@@ -416,6 +416,99 @@ def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
     assert (tmp_path / "in" / "img0.privatized.png").read_bytes() == b"precious"
 
 
+def test_privatize_resume_keeps_metrics_and_refuses_another_method(
+        capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "pvmodels5.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_pngs(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    args = ["privatize", "pvmodels5:model_a", str(tmp_path / "in"), "--out", str(out), "--input-shape", "1,28,28"]
+    assert run(capsys, *args)[0] == 0
+    first = json.loads((out / "report.json").read_text())["images"]
+    assert [r["method"] for r in first] == ["decoy-grey"] * 2
+    # resumed: the earlier images' metrics are read back, not dropped
+    _write_pngs(tmp_path / "in", 3)  # one more image
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    again = json.loads((out / "report.json").read_text())["images"]
+    assert [r["status"] for r in again] == ["skipped (already done)"] * 2 + ["privatised"]
+    for old, new in zip(first, again):
+        for key in ("ssim", "output_deviation", "box_violation", "png_output_deviation", "distance_bound"):
+            assert new[key] == old[key]
+    # another method on the same folder: refused, nothing changed
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run(capsys, *args, "--method", "paper")
+    assert code == EXIT_USER_ERROR
+    line = one_error_line(err)
+    assert "decoy-grey" in line and "paper" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_privatize_input_folder_as_out_twice(capsys: pytest.CaptureFixture[str], tmp_path,
+                                             monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "pvmodels6.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "in"
+    _write_pngs(folder, 2)
+    inputs = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["privatize", "pvmodels6:model_a", str(folder), "--out", str(folder), "--input-shape", "1,28,28"]
+    assert run(capsys, *args)[0] == 0
+    code, _, err = run(capsys, *args)  # its own outputs are not taken for inputs
+    assert code == 0, err
+    report = json.loads((folder / "report.json").read_text())
+    assert [Path(r["source"]).name for r in report["images"]] == ["img0.png", "img1.png"]
+    assert [r["status"] for r in report["images"]] == ["skipped (already done)"] * 2
+    assert all((folder / name).read_bytes() == data for name, data in inputs.items())
+
+
+@pytest.mark.parametrize("extra, words", [(["--batch-size", "0"], "batch_size"), (["--batch-size", "-3"], "batch_size"),
+                                          (["--out-is-a-file"], "is an existing file")])
+def test_privatize_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, extra: list[str],
+                                 words: str) -> None:  # noqa: ANN001
+    (tmp_path / "pvmodels7.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_pngs(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    if extra == ["--out-is-a-file"]:
+        out.write_bytes(b"a user's file")
+        extra = []
+    code, _, err = run(capsys, "privatize", "pvmodels7:model_a", str(tmp_path / "in"), "--out", str(out),
+                       "--input-shape", "1,28,28", *extra)
+    assert code == EXIT_USER_ERROR and words in one_error_line(err)
+    assert not out.is_dir()
+    assert out.read_bytes() == b"a user's file" if out.exists() else True
+
+
+def test_read_image_gives_no_numpy_warning(tmp_path) -> None:  # noqa: ANN001
+    # PyTorch warns once per process, so only a fresh process can tell whether it would.
+    _write_pngs(tmp_path / "gray", 1)
+    _write_pngs(tmp_path / "rgb", 1, mode="RGB")
+    code = ("import sys; from harmless.privacy.job import read_image\n"
+            "read_image(sys.argv[1], (1, 28, 28)); read_image(sys.argv[2], (3, 28, 28))\n")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code, str(tmp_path / "gray" / "img0.png"),
+                           str(tmp_path / "rgb" / "img0.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "not writable" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode, suffix, words", [("CMYK", ".jpg", "a CMYK image (converted to RGB"),
+                                                 ("RGBA", ".png", "an RGBA image (converted to RGB"),
+                                                 ("RGB", ".png", "an RGB image (RGB")])
+def test_privatize_describes_image_modes(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, mode: str,
+                                         suffix: str, words: str) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    (tmp_path / "pvmodels9.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "in").mkdir()
+    Image.new(mode, (28, 28)).save(tmp_path / "in" / f"img{suffix}")
+    code, _, err = run(capsys, "privatize", "pvmodels9:model_a", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                       "--input-shape", "1,28,28")
+    assert code == EXIT_USER_ERROR
+    line = one_error_line(err)
+    assert words in line and "expects grayscale" in line
+
+
 @pytest.mark.parametrize("size, mode, words", [(32, "L", "expects 28x28"), (28, "RGB", "expects grayscale")])
 def test_privatize_bad_images(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, size: int, mode: str,
                               words: str) -> None:  # noqa: ANN001

@@ -343,7 +343,9 @@ def read_image(path: str | os.PathLike[str], mode: str | None = None) -> np.ndar
         with Image.open(path) as im:
             im.load()
             natural = _natural_mode(im.mode, path)
-            arr = np.asarray(im.convert(mode or natural), dtype=np.uint8)
+            # a copy: Pillow's buffer is read-only, and torch.from_numpy warns on (and would
+            # share) a read-only array
+            arr = np.array(im.convert(mode or natural), dtype=np.uint8, copy=True)
     except InputError:
         raise
     except _IMAGE_ERRORS as exc:
