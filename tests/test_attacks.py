@@ -162,8 +162,10 @@ def test_deepfool_matches_art(models, batch, arch):
     # whole batch where we take each sample's own. Both cross the same boundaries, so the success
     # rates agree within a point and the per-sample L2 norms within the overshoot's reach:
     # median ratio within 3 %, every sample within 10 % (measured: success 100 % for both;
-    # ratio ours/ART 0.979–1.000, median 0.981 (MLP) and 0.982 (CNN); ours is about 2 % smaller
-    # because the overshoot applied at every iterate crosses the boundary one step sooner).
+    # ratio ours/ART 0.979–1.000, median 0.981 (MLP) and 0.982 (CNN)). Ours is about 2 % smaller:
+    # ART multiplies its final perturbation by 1.02, whereas in the reference scheme the later
+    # steps are computed from overshot iterates and correct for it, so the result lies just
+    # past the boundary (measured on 16 samples: 0.9997·δ is no longer adversarial).
     from art.attacks.evasion import DeepFool as ArtDeepFool
     model, (x, y) = models[arch], batch
     x, y = _correct(model, x, y)  # ART attacks the predicted class; for these it is y
@@ -180,8 +182,8 @@ def test_cw_matches_art(models, batch):
     # ART's C&W L2 descends with a line search instead of Adam (10 iterations per constant here,
     # against our 100 Adam steps, about the same time). On the same samples both succeed
     # everywhere, ours is no larger in the median (measured: 0.895 against ART's 1.006, 11 %
-    # smaller), and neither goes below 0.9 × DeepFool's norm / 1.02, the boundary DeepFool
-    # crosses with its 2 % overshoot (measured: ≥ 1.11 for ours, ≥ 1.19 for ART's).
+    # smaller), and neither is far below DeepFool's norm, which ends just past the boundary it
+    # finds (both are local searches; measured: ours ≥ 1.08 ×, ART's ≥ 1.16 × DeepFool's).
     from art.attacks.evasion import CarliniL2Method
     model, (x, y) = models["mlp"], batch
     x, y = _correct(model, x[:24], y[:24])
@@ -192,7 +194,7 @@ def test_cw_matches_art(models, batch):
     assert ours.success_rate >= 0.95
     art_l2 = _l2(art, x)
     assert float(ours.l2.median()) <= 1.02 * float(art_l2.median())
-    floor = DeepFool()(model, x, y).l2 / 1.02
+    floor = DeepFool()(model, x, y).l2
     assert float((ours.l2 / floor).min()) >= 0.9 and float((art_l2 / floor).min()) >= 0.9
 
 
@@ -235,6 +237,21 @@ def test_cw_reaches_minimum_on_linear_model():
     assert float(r.x_adv.min()) > 0 and float(r.x_adv.max()) < 1
     assert (r.l2 >= dist * (1 - 1e-9)).all()  # nothing is closer than the facet
     assert (r.l2 <= dist * 1.03).all()  # and C&W gets within 3 % of it
+
+
+@pytest.mark.slow
+def test_cw_defaults_converge(models, batch):
+    # With its default budget (9 constants × up to 1000 Adam steps) C&W converges to boundary
+    # points as close as DeepFool's (which end just past the boundary): median ratio within 1 %;
+    # a local search can land on a farther piece of the boundary (measured: 1 sample of 16 at
+    # 1.10) or a nearer one (0.95).
+    model, (x, y) = models["mlp"], batch
+    x, y = _correct(model, x[:16], y[:16])
+    r = CarliniWagnerL2()(model, x, y)
+    ratio = r.l2 / DeepFool()(model, x, y).l2
+    assert r.success.all()
+    assert abs(float(ratio.median()) - 1) <= 0.01
+    assert float(ratio.min()) >= 0.8 and float(ratio.max()) <= 1.2
 
 
 # -- invariants -------------------------------------------------------------------------------

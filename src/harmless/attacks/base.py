@@ -156,6 +156,7 @@ def check_data(model: object, x: object, y: object, bounds: Bounds) -> None:
         raise InputError("x is an empty batch (B = 0)")
     if x.numel() == 0:
         raise InputError(f"x has no features: shape {tuple(x.shape)}")
+    x = x.detach()  # a caller's x may require grad; the checks read values only
     if not bool(torch.isfinite(x).all()):
         raise InputError("x contains NaN or infinite values")
     lo, hi = bounds
