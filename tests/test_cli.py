@@ -566,3 +566,10 @@ def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, mo
                        str(tmp_path / "out2"), "--input-shape", "3,35,35", "--tile", "7")
     assert code == EXIT_USER_ERROR and "does not split" in one_error_line(err)
     assert not (tmp_path / "out2").exists()
+    # a Linear first layer: one clear line, not PyTorch's shape error
+    (tmp_path / "pvmodels10.py").write_text(FACTORY)
+    _write_pngs(tmp_path / "gray", 1)
+    code, _, err = run(capsys, "privatize", "pvmodels10:model_a", str(tmp_path / "gray"), "--out",
+                       str(tmp_path / "out3"), "--input-shape", "1,28,28", "--tile", "7")
+    line = one_error_line(err)
+    assert code == EXIT_USER_ERROR and "Linear" in line and "mat1" not in line

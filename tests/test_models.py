@@ -106,6 +106,8 @@ def _state_equal(a: nn.Module, b: nn.Module) -> bool:
         ("mlp5:hidden=512x256x128", "mlp5:mnist,hidden=512x256x128"),
         ("mlp5:hidden=300", "mlp5:mnist,hidden=300"),
         ("mlp5:hidden=256x256x256x256", "mlp5:mnist"),
+        ("resnet18:stem_padding=0", "resnet18:cifar10,stem_padding=0"),
+        ("vgg16:stem_kernel=4,stem_stride=4,stem_padding=0", "vgg16:cifar10,stem_kernel=4,stem_padding=0,stem_stride=4"),
     ],
 )
 def test_spec_canonical_keys(spec, key):
@@ -166,6 +168,8 @@ def test_spec_round_trip_property(name, dataset, values):
         ("mlp5:hidden=(256,", "unbalanced"),
         ("mlp5:hidden=0x256", "hidden must be positive integers"),
         ("mlp5:hidden=()", "hidden must be positive integers"),
+        ("resnet18:stem_padding=-1", "stem_padding must be a non-negative integer"),
+        ("resnet18:stem_padding=1.5", "stem_padding must be a non-negative integer"),
     ],
 )
 def test_spec_errors(spec, fragment):
@@ -214,6 +218,14 @@ def test_conv_zoo_stem_options_and_grayscale(name):
     assert conv.bias is None
     with torch.no_grad():
         assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16"])
+def test_stem_padding_is_a_spec_parameter(name):
+    model = build_model(f"{name}:stem_kernel=4,stem_stride=4,stem_padding=0")
+    assert model.stem.conv.padding == (0, 0)
+    assert build_model(f"{name}:stem_kernel=5").stem.conv.padding == (2, 2)  # default: kernel // 2
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_vgg_skips_pools_that_would_vanish():

@@ -99,3 +99,28 @@ def test_split_and_merge_check_shapes():
         t.split(torch.rand(2, 3, 14, 7, dtype=torch.float64))
     with pytest.raises(InputError, match="tiles must have shape"):
         t.merge(torch.rand(3, 3, 7, 7, dtype=torch.float64))
+
+
+def test_tiling_needs_only_the_prefix_to_run_on_a_tile() -> None:
+    # a patchify stem with a classifier sized for the whole image: the head cannot run on a
+    # tile, the prefix (the convolution) can, and splits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 7, stride=7), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10)).eval()
+    t = tiling(model, (1, 28, 28), 7)
+    assert t.tiles_per_image == 16 and t.whole.dim == 16 * t.part.dim == 16 * (49 - 8)
+
+
+def test_tiling_a_linear_first_layer_says_so() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with pytest.raises(InputError, match=r"layer 1 \(Linear\) reads the whole image") as err:
+        tiling(model, (1, 28, 28), 7)
+    assert "mat1" not in str(err.value)
+
+
+def test_tiling_a_zoo_model_with_stem_padding_0() -> None:
+    from harmless.models import build_model
+
+    t = tiling(build_model("resnet18:stem_kernel=4,stem_stride=4,stem_padding=0,stem_channels=16"), (3, 32, 32), 4)
+    assert t.whole.dim == 64 * t.part.dim == 64 * (48 - 16)
+    with pytest.raises(InputError, match="does not split"):  # the default padding (kernel // 2) overlaps
+        tiling(build_model("resnet18:stem_kernel=4,stem_stride=4,stem_channels=16"), (3, 32, 32), 4)

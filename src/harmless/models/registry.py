@@ -8,6 +8,7 @@ its parameters::
     mlp5:mnist            lenet:fashion-mnist       resnet18
     resnet18:stem_stride=8                          vgg16:stem_stride=2
     resnet50:cifar10,stem_stride=4,stem_channels=16 mlp5:mnist,hidden=512x512
+    resnet18:stem_kernel=4,stem_stride=4,stem_padding=0   (a "patchify" stem: tiles split)
 
 The first item after ``:`` that has no ``=`` is the dataset (default: ``mnist`` for
 ``mlp5``/``lenet``, ``cifar10`` for the ResNets and VGG). Values are integers, floats or
@@ -91,7 +92,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ZooParam:
-    """A parameter a spec may set: ``kind`` is ``"int"`` (positive) or ``"ints"`` (tuple)."""
+    """A parameter a spec may set: ``kind`` is ``"int"`` (positive), ``"ints"`` (tuple) or
+    ``"padding"`` (non-negative; the default ``None`` means ``stem_kernel // 2``)."""
 
     name: str
     kind: str
@@ -129,6 +131,7 @@ def _stem_params(channels: int, kernel: int) -> tuple[ZooParam, ...]:
         ZooParam("stem_channels", "int", channels, "output channels of the first convolution"),
         ZooParam("stem_kernel", "int", kernel, "kernel size of the first convolution"),
         ZooParam("stem_stride", "int", 1, "stride of the first convolution"),
+        ZooParam("stem_padding", "padding", None, "zero padding of the first convolution (default kernel // 2)"),
     )
 
 
@@ -145,6 +148,7 @@ def _conv_kwargs(p: Mapping[str, Any], ds: DatasetInfo) -> dict[str, Any]:
         stem_stride=p["stem_stride"],
         stem_channels=p["stem_channels"],
         stem_kernel=p["stem_kernel"],
+        stem_padding=p["stem_padding"],
         in_channels=ds.in_shape[0],
         num_classes=ds.num_classes,
         mean=ds.mean,
@@ -361,6 +365,10 @@ def _coerce(entry: ZooEntry, param: ZooParam, raw: str) -> Any:
             f"{entry.name}: {param.name} must be positive integers like 256x256 or (256,256), "
             f"got {raw!r}"
         )
+    if param.kind == "padding":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ModelSpecError(f"{entry.name}: {param.name} must be a non-negative integer, got {raw!r}")
     raise AssertionError(f"unknown parameter kind {param.kind!r}")  # pragma: no cover
 
 

@@ -379,6 +379,7 @@ class VGG(nn.Module):
         stem_stride: int = 1,
         stem_channels: int = 64,
         stem_kernel: int = 3,
+        stem_padding: int | None = None,
         in_channels: int = 3,
         num_classes: int = 10,
         input_size: int = 32,
@@ -396,10 +397,13 @@ class VGG(nn.Module):
         )
         if not cfg or not isinstance(cfg[0], int):
             raise ValueError("a VGG configuration starts with a convolution width")
+        if stem_padding is not None and (not isinstance(stem_padding, int) or stem_padding < 0):
+            raise ValueError(f"stem_padding must be a non-negative int or None, got {stem_padding!r}")
         mean, std = _default_stats(in_channels, mean, std)
         self.normalize = Normalize(mean, std)
-        self.stem = _stem(in_channels, stem_channels, stem_kernel, stem_stride)
-        size = _conv_out(input_size, stem_kernel, stem_stride, stem_kernel // 2)
+        self.stem = _stem(in_channels, stem_channels, stem_kernel, stem_stride, stem_padding)
+        padding = stem_kernel // 2 if stem_padding is None else stem_padding
+        size = _conv_out(input_size, stem_kernel, stem_stride, padding)
         if size < 1:
             raise ValueError(f"stem leaves no output on {input_size}x{input_size} inputs")
         layers: list[nn.Module] = []
@@ -435,6 +439,7 @@ def vgg16(
     stem_stride: int = 1,
     stem_channels: int = 64,
     stem_kernel: int = 3,
+    stem_padding: int | None = None,
     in_channels: int = 3,
     num_classes: int = 10,
     input_size: int = 32,
@@ -447,6 +452,7 @@ def vgg16(
         stem_stride=stem_stride,
         stem_channels=stem_channels,
         stem_kernel=stem_kernel,
+        stem_padding=stem_padding,
         in_channels=in_channels,
         num_classes=num_classes,
         input_size=input_size,

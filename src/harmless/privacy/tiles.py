@@ -69,6 +69,25 @@ class Tiling:
         return grid.reshape(b, c, h, w)
 
 
+def _prefix_module(model: nn.Module, whole: HarmlessSubspace, tile: int) -> nn.Module:
+    """The layers of ``whole``'s linear prefix as one ``nn.Sequential`` (they form a chain, each
+    fed only by the one before), or ``model`` itself when they are not all submodules of it.
+    A Linear layer in the prefix reads the whole image at once: refused here, in those words."""
+    layers = getattr(getattr(whole, "run", None), "layers", None) or []
+    modules = []
+    for record in layers:
+        try:
+            module = model.get_submodule(record.name)
+        except AttributeError:
+            return model  # a functional step (x.view, torch.flatten): run the whole model instead
+        if isinstance(module, nn.Linear):
+            raise InputError(f"the linear prefix does not split into {tile}x{tile} tiles: its layer {record.name} "
+                             f"(Linear) reads the whole image at once; tiling needs a first convolution with "
+                             f"kernel = stride = {tile} and no padding")
+        modules.append(module)
+    return nn.Sequential(*modules).eval() if modules else model
+
+
 def tiling(model: nn.Module, image_shape: Sequence[int], tile: int, *,
            generator: torch.Generator | None = None) -> Tiling:
     """The tile decomposition of ``model``'s harmless subspace on ``image_shape`` images, in
@@ -84,8 +103,11 @@ def tiling(model: nn.Module, image_shape: Sequence[int], tile: int, *,
     if h % tile or w % tile:
         raise InputError(f"{h}x{w} images do not divide into {tile}x{tile} tiles")
     whole = harmless_subspace(model, shape, dtype=torch.float64)
+    # Only the linear prefix has to run on a tile: a classifier head sized for the whole
+    # image (Flatten -> Linear) need not, and its shape error would say nothing useful.
+    prefix = _prefix_module(model, whole, tile)
     try:
-        part = harmless_subspace(model, (c, tile, tile), dtype=torch.float64)
+        part = harmless_subspace(prefix, (c, tile, tile), dtype=torch.float64)
     except InputError as err:
         raise InputError(f"the linear prefix does not split into {tile}x{tile} tiles: the model does not run "
                          f"on a single tile ({err})") from err
