@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -308,6 +310,24 @@ def _mlp_copy(models, dtype):
     model = _mlp()
     model.load_state_dict(models["mlp"].state_dict())
     return model.to(dtype).eval()  # parameters require grad: the attacks must not fill p.grad
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(eps=st.floats(1e-3, 2.0), steps=st.integers(1, 3), norm=st.sampled_from(["inf", 2]),
+       random_start=st.booleans(), rel=st.floats(0.05, 3.0), seed=st.integers(0, 2**31 - 1),
+       lo=st.floats(-1.0, 0.0), width=st.floats(0.1, 2.0))
+def test_pgd_stays_in_ball_and_box(models, eps, steps, norm, random_start, rel, seed, lo, width):
+    # For any settings, bounds and images: every sample ends inside the box and the eps ball.
+    model = _mlp_copy(models, torch.float64)
+    hi = lo + width
+    x = lo + width * torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = torch.arange(8) % CLASSES
+    r = PGD(eps, steps=steps, norm=norm, rel_stepsize=rel, random_start=random_start, bounds=(lo, hi))(
+        model, x, y, generator=torch.Generator().manual_seed(seed))
+    assert float(r.x_adv.min()) >= lo and float(r.x_adv.max()) <= hi
+    size = r.linf if norm == "inf" else r.l2
+    assert float(size.max()) <= eps * (1 + 1e-12) + 1e-15
+    assert torch.equal(r.delta, r.x_adv - x)
 
 
 @pytest.mark.parametrize("name", ATTACKS)
