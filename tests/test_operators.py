@@ -30,6 +30,7 @@ from harmless.linalg.operators import (  # noqa: E402
     ComposedOperator,
     ConvOperator,
     FunctionOperator,
+    TokenwiseMatrixOperator,
     MatrixOperator,
     ReshapeOperator,
     TorchLinearOperator,
@@ -282,10 +283,10 @@ def test_conv3d_against_oracle() -> None:
                                oracle.dense_matrix(conv, shape), atol=1e-14)
 
 
-def test_linear_on_leading_axes_is_a_function_operator() -> None:
+def test_linear_on_leading_axes_is_a_tokenwise_operator() -> None:
     lin = nn.Linear(4, 3).eval()
     op = operator_for_module(lin, (2, 4))
-    assert isinstance(op, FunctionOperator) and op.out_shape == (2, 3)
+    assert isinstance(op, TokenwiseMatrixOperator) and op.out_shape == (2, 3) and op.positions == 2
     np.testing.assert_allclose(op.to_dense().numpy(), oracle.dense_matrix(lin, (2, 4)), atol=1e-14)
 
 

@@ -452,14 +452,12 @@ def test_training_flags_restored_when_analysis_fails() -> None:
 # Models the tracer cannot handle
 # ---------------------------------------------------------------------------------------
 def test_model_with_two_inputs_raises_unsupported() -> None:
-    """linear_run's own check ("the model takes 2 inputs; harmless needs exactly one") is
-    never reached: _trace runs ShapeProp with one example first, which fails, and the user
-    is told the model "does not accept inputs of shape (B, 3)" instead."""
+    """Two required inputs are refused before anything runs (parameters with defaults are fine)."""
     class Two(nn.Module):
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return x + y
 
-    with pytest.raises(UnsupportedLayerError, match="takes 2 inputs"):
+    with pytest.raises(UnsupportedLayerError, match="takes 2 required inputs"):
         linear_run(Two().eval(), (3,))
 
 

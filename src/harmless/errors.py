@@ -23,6 +23,11 @@ class NoHarmlessSubspaceError(HarmlessError, ValueError):
     """The linear map is injective: its only harmless perturbation is zero."""
 
 
+class VerificationError(HarmlessError, RuntimeError):
+    """The model's own output changed under a perturbation the analysis calls harmless; the
+    analysis refuses to return it (the message says by how much)."""
+
+
 class TooLargeError(HarmlessError, MemoryError):
     """A dense computation was asked for on an operator too large for it."""
 

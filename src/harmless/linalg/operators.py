@@ -43,6 +43,13 @@ class TorchLinearOperator:
     #: scaling with non-zero scales or a reshape; such factors never change a nullspace's
     #: dimension, which lets composite operators reason about structure.
     bijective: bool = False
+    #: True when the map is known to be injective (rank == n), e.g. a bijection or an
+    #: embedding (concatenation with a constant); composing with an injective map on the
+    #: left never changes a nullspace: N(B A) = N(A).
+    injective: bool = False
+    #: True when the map is known to be orthogonal (a reshape, a permutation of axes, a
+    #: negation): projections through it need no solve, ``P_row(W Q) = Q^T P_row(W) Q``.
+    orthogonal: bool = False
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -204,6 +211,36 @@ class MatrixOperator(TorchLinearOperator):
         return MatrixOperator(self.matrix, in_shape=self.in_shape, out_shape=self.out_shape, dtype=dtype)
 
 
+class TokenwiseMatrixOperator(TorchLinearOperator):
+    """A matrix ``W`` (m x d) applied to the last axis of every position of a ``(..., d)``
+    input (a Linear on tokens): the operator is ``I_T kron W`` with ``T`` positions, so its
+    rank is ``T * rank(W)`` without forming anything of size ``T``."""
+
+    def __init__(self, matrix: torch.Tensor, in_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> None:
+        if matrix.ndim != 2:
+            raise InputError(f"matrix must be 2-D, got shape {tuple(matrix.shape)}")
+        in_shape = tuple(int(s) for s in in_shape)
+        if len(in_shape) < 2 or in_shape[-1] != matrix.shape[1]:
+            raise InputError(f"a token-wise matrix of shape {tuple(matrix.shape)} needs inputs (..., {matrix.shape[1]}), "
+                             f"got {in_shape}")
+        super().__init__(in_shape, (*in_shape[:-1], matrix.shape[0]), dtype=dtype, device=matrix.device)
+        self.matrix = matrix.detach().to(dtype).clone()
+
+    @property
+    def positions(self) -> int:
+        """``T``, the number of positions the matrix acts on."""
+        return _prod(self.in_shape[:-1])
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix.T
+
+    def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.matrix
+
+    def astype(self, dtype: torch.dtype) -> TokenwiseMatrixOperator:
+        return TokenwiseMatrixOperator(self.matrix, self.in_shape, dtype=dtype)
+
+
 class ChannelScaleOperator(TorchLinearOperator):
     """Multiplies channel ``c`` (dimension 1) by ``scale[c]``: eval-mode BatchNorm, Normalize."""
 
@@ -212,7 +249,7 @@ class ChannelScaleOperator(TorchLinearOperator):
         if scale.ndim != 1 or scale.numel() != self.in_shape[0]:
             raise InputError(f"scale has {scale.numel()} entries for {self.in_shape[0]} channels")
         self.scale = scale.detach().to(dtype).clone()
-        self.bijective = bool(torch.all(self.scale != 0))
+        self.bijective = self.injective = bool(torch.all(self.scale != 0))
         self._view = (1, -1) + (1,) * (len(self.in_shape) - 1)
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +266,8 @@ class ReshapeOperator(TorchLinearOperator):
     """A change of shape (Flatten, Unflatten, view, Identity): orthogonal, its own inverse's adjoint."""
 
     bijective = True
+    injective = True
+    orthogonal = True
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
                  device: torch.device | str = "cpu") -> None:
@@ -340,18 +379,29 @@ class ConvOperator(TorchLinearOperator):
 
 
 class FunctionOperator(TorchLinearOperator):
-    """Any linear torch function (average pooling, a functional reshape, ...). The adjoint
-    comes from autograd's vector-Jacobian product, which is exact for a linear map."""
+    """Any linear torch function (average pooling, a permutation of axes, padding, ...). The
+    adjoint comes from autograd's vector-Jacobian product, which is exact for a linear map.
+
+    ``bijective``/``injective`` are structural facts the caller vouches for (a permutation
+    of axes is bijective, concatenation with a constant injective); they let the rank
+    analysis skip such factors.
+    """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int], *,
                  dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-                 out_shape: Sequence[int] | None = None, name: str = "function") -> None:
+                 out_shape: Sequence[int] | None = None, name: str = "function", bijective: bool = False,
+                 injective: bool = False, orthogonal: bool = False) -> None:
         if out_shape is None:
             with torch.no_grad():
                 out_shape = tuple(fn(torch.zeros(1, *in_shape, dtype=dtype, device=device)).shape[1:])
         super().__init__(in_shape, out_shape, dtype=dtype, device=device)
+        if bijective and self.n != self.m:
+            raise InputError(f"{name}: a bijection needs as many outputs as inputs ({self.m} vs {self.n})")
         self.fn = fn
         self.name = name
+        self.bijective = bijective or orthogonal
+        self.injective = injective or bijective or orthogonal
+        self.orthogonal = orthogonal
 
     def __repr__(self) -> str:
         return f"FunctionOperator({self.name}, in_shape={self.in_shape}, out_shape={self.out_shape})"
@@ -367,7 +417,8 @@ class FunctionOperator(TorchLinearOperator):
     def astype(self, dtype: torch.dtype) -> FunctionOperator:
         # fn must follow its input's dtype (pooling does; layers.py casts captured weights).
         return FunctionOperator(self.fn, self.in_shape, dtype=dtype, device=self.device, out_shape=self.out_shape,
-                                name=self.name)
+                                name=self.name, bijective=self.bijective, injective=self.injective,
+                                orthogonal=self.orthogonal)
 
 
 class ComposedOperator(TorchLinearOperator):
@@ -387,6 +438,8 @@ class ComposedOperator(TorchLinearOperator):
         super().__init__(flat[0].in_shape, flat[-1].out_shape, dtype=flat[0].dtype, device=flat[0].device)
         self.factors = flat
         self.bijective = all(f.bijective for f in flat)
+        self.injective = all(f.injective for f in flat)
+        self.orthogonal = all(f.orthogonal for f in flat)
 
     def __repr__(self) -> str:
         return " -> ".join(repr(f) for f in self.factors)

@@ -44,6 +44,7 @@ from harmless.linalg.operators import (
     ComposedOperator,
     ConvOperator,
     MatrixOperator,
+    TokenwiseMatrixOperator,
     TorchLinearOperator,
 )
 
@@ -190,12 +191,31 @@ def gram_rank(op: TorchLinearOperator, *, limit: int = DEFAULT_GRAM_LIMIT, bases
 
 
 def _non_bijective_core(op: TorchLinearOperator) -> TorchLinearOperator | None:
-    """The single factor of a composition that is not a bijection (None if all are)."""
+    """The factor of a composition that decides its nullspace: the first one that is not a
+    bijection, provided every later factor is injective (``N(B A) = N(A)`` for injective
+    ``B``, and ``dim N(A C) = dim N(A)`` for bijective ``C``). None if there is none."""
     factors = op.factors if isinstance(op, ComposedOperator) else [op]
-    rest = [f for f in factors if not f.bijective]
+    rest = [i for i, f in enumerate(factors) if not f.bijective]
     if not rest:
         return None
-    return rest[0] if len(rest) == 1 else None
+    i = rest[0]
+    return factors[i] if all(f.injective for f in factors[i + 1:]) else None
+
+
+def _core_rank(core: TorchLinearOperator, dense_limit: int) -> tuple[int, list[str]] | None:
+    """The exact rank of a structured core, or None when its structure gives none."""
+    if core.injective:
+        return core.n, ["an injective map (an embedding)"]
+    if isinstance(core, ConvOperator) and conv_windows_disjoint(core):
+        r = patchwise_conv_rank(core)  # exact and nearly free
+        return r.rank, r.notes
+    if isinstance(core, TokenwiseMatrixOperator) and core.matrix.numel() <= dense_limit:
+        w = core.matrix.detach().to("cpu", torch.float64).numpy()
+        sv = scipy.linalg.svd(w, compute_uv=False, lapack_driver="gesdd", check_finite=False)
+        r = svd_rank(sv, *w.shape)
+        return core.positions * r, [f"token-wise matrix: {core.positions} positions x rank {r} of the "
+                                    f"{w.shape[0]} x {w.shape[1]} weight"]
+    return None
 
 
 def _window_taps(op: ConvOperator) -> list[list[tuple[int, tuple[int, ...]]]]:
@@ -311,10 +331,13 @@ def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: 
     if op.bijective:
         return RankResult(n=op.n, m=op.m, rank=op.n, method="structure", notes=["a bijection"])
     core = _non_bijective_core(op)
-    if isinstance(core, ConvOperator) and conv_windows_disjoint(core):
-        r = patchwise_conv_rank(core)  # exact and nearly free
-        note = [] if core is op else ["rank of the one non-bijective factor, a convolution"]
-        return RankResult(n=op.n, m=op.m, rank=r.rank, method=r.method, notes=note + r.notes)
+    structured = _core_rank(core, dense_limit) if core is not None else None
+    if structured is not None:
+        rank, notes = structured
+        note = [] if core is op else [f"rank of the one factor that decides the nullspace ({type(core).__name__}); "
+                                      "the others are bijections before it or injective maps after it"]
+        return RankResult(n=op.n, m=op.m, rank=op.n - (core.n - rank), method="structure",  # type: ignore[union-attr]
+                          notes=note + notes)
     small_side = min(op.m, op.n)
     if small_side <= gram_limit:
         certified = _full_rank_certificate(op)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from harmless.errors import TooLargeError
-from harmless.linalg.prefix import linear_layers, linear_run
+from harmless.linalg.prefix import LinearRun, linear_layers, linear_run
 from harmless.linalg.rank import analyze_rank
 
 #: Per-layer limits for the report: wide enough for CIFAR-size layers, small enough to stay fast.
@@ -53,8 +53,8 @@ def _row(name: str, kind: str, op: torch.nn.Module | object, input_level: bool) 
 
 
 def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64
-                 ) -> tuple[LayerRow, list[LayerRow], str]:
-    """``(prefix row, per-layer rows, prefix description)`` for ``model``.
+                 ) -> tuple[LayerRow, list[LayerRow], LinearRun]:
+    """``(prefix row, per-layer rows, the checked linear run)`` for ``model``.
 
     The prefix row is the input-level harmless subspace (the whole model ignores it); the
     per-layer rows are each layer's own H^(l), a subspace of that layer's input features.
@@ -62,7 +62,50 @@ def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     run = linear_run(model, input_shape, dtype=dtype)
     prefix = _row("linear prefix", "+".join(r.kind for r in run.layers) or "identity", run.operator, True)
     rows = [_row(rec.name, rec.kind, op, False) for rec, op in linear_layers(model, input_shape, dtype=dtype)]
-    return prefix, rows, run.description
+    return prefix, rows, run
+
+
+def headline(row: LayerRow, run: LinearRun) -> str:
+    """What the run shows about the input-level harmless subspace, in one line. It says
+    "injective" only when the run is the model's whole linear prefix."""
+    n = row.input_dim
+    where = f"{run.stop_kind} at {run.stopped_at}: {run.stop_reason}" if run.stopped_at else run.stop_reason
+    if row.harmless_dim is None:
+        return (f"dim >= {row.harmless_dim_lower} of {n} (rank not computable here; "
+                + ("the run is the whole linear prefix)" if run.complete else f"the run stopped early, {where})"))
+    if row.harmless_dim > 0:
+        if run.complete:
+            return f"dim {row.harmless_dim} of {n}: the model ignores every input change in it, whatever its size"
+        return (f"dim >= {row.harmless_dim} of {n}: every change in it is harmless, but the run stopped early "
+                f"({where}), so the true subspace may be larger")
+    if run.complete:
+        return f"dim 0 of {n}: the linear prefix is injective (see harmless.least_harmful for the least harmful directions)"
+    return (f"none found (dim >= 0 of {n}): the run stopped early ({where}); this does not show that the model is "
+            "injective")
+
+
+def steps_table(run: LinearRun) -> str:
+    """The run step by step: name, op, shapes and the measured affinity defect, then the stop."""
+    rows = [[r.name, r.kind, "x".join(map(str, r.in_shape)) + " -> " + "x".join(map(str, r.out_shape)),
+             f"{r.defect:.1e}"] for r in run.layers]
+    header = ["step", "op", "shape", "defect"]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    lines = [("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths))).rstrip()]
+    lines += [("  " + "  ".join(str(x).ljust(w) for x, w in zip(row, widths))).rstrip() for row in rows]
+    if run.stopped_at:
+        lines.append(f"  stops at {run.stopped_at}: {run.stop_reason}")
+    else:
+        lines.append(f"  ends at {run.stop_reason}")
+    lines += [f"  note: {note}" for note in run.notes]
+    return "\n".join(lines)
+
+
+def run_as_dict(run: LinearRun) -> dict[str, object]:
+    """The run for JSON output."""
+    return {"steps": [{"name": r.name, "op": r.kind, "in_shape": list(r.in_shape), "out_shape": list(r.out_shape),
+                       "defect": r.defect} for r in run.layers],
+            "tolerance": run.tolerance, "stopped_at": run.stopped_at, "stop_reason": run.stop_reason,
+            "stop_kind": run.stop_kind, "complete": run.complete, "scope": run.scope, "notes": list(run.notes)}
 
 
 def format_dim(row: LayerRow) -> str:

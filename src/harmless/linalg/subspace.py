@@ -17,9 +17,14 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
-from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, TorchLinearOperator
-from harmless.linalg.prefix import LinearRun, linear_run
+from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError, VerificationError
+from harmless.linalg.operators import (
+    DEFAULT_DENSE_LIMIT,
+    ComposedOperator,
+    TokenwiseMatrixOperator,
+    TorchLinearOperator,
+)
+from harmless.linalg.prefix import LinearRun, ModelCheck, check_on_model, linear_run
 from harmless.linalg.rank import (
     DEFAULT_GRAM_LIMIT,
     RankResult,
@@ -110,14 +115,56 @@ class HarmlessSubspace:
         """``dense-svd``, ``gram-cholesky``, ``gram-eigh`` or ``structure`` (see :mod:`harmless.linalg.rank`)."""
         return self.rank_info.method
 
+    @property
+    def dim_is_lower_bound(self) -> bool:
+        """True when the linear run stopped before the model's linear prefix ended (a branch,
+        an unsupported step, a scope that could not be traced further): every element of this
+        subspace is harmless, but the model's true harmless subspace may be larger."""
+        return self.run is not None and not self.run.complete
+
     @cached_property
     def _exact_dim(self) -> int | None:
         """``dim`` when an exact rank method fits, else ``None`` (asked once: a failing rank
         analysis is not cached by ``rank_info`` and would otherwise be retried on every call)."""
         try:
             return self.dim
-        except TooLargeError:
+        except TooLargeError as exc:
+            self._rank_failure = str(exc)
             return None
+
+    @cached_property
+    def model_check(self) -> ModelCheck | None:
+        """The model's own output under harmless perturbations from this subspace, of relative
+        size 1 and 1e4 (float64), at two probe inputs; ``None`` for operators and for an empty
+        subspace. Computed once, before the first perturbation is handed out."""
+        run = self.run
+        if run is None or run.probe is None or self._known_injective:
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(11)
+        k = run.probe.inputs.shape[0]
+        g = torch.randn(k, *self.input_shape, generator=gen, dtype=torch.float64)
+        g = g.to(dtype=self.dtype, device=self.operator.device)
+        h = g - self._harmful(g)
+        h_norm = h.reshape(k, -1).norm(dim=1)
+        if not bool((h_norm > 1e-8 * g.reshape(k, -1).norm(dim=1)).all()):
+            return None  # no harmless direction found: nothing to hand out, nothing to check
+        view = (-1,) + (1,) * len(self.input_shape)
+        ctrl = torch.randn(k, *self.input_shape, generator=gen, dtype=torch.float64)
+        ctrl = ctrl / ctrl.reshape(k, -1).norm(dim=1).view(view)
+        return check_on_model(run.probe, (h / h_norm.view(view)).to("cpu", torch.float64), ctrl, rtol=self.rtol,
+                              precise=self.dtype == torch.float64)
+
+    def _verified(self) -> None:
+        """Refuse to hand out perturbations when the model's own output disagrees."""
+        check = self.model_check
+        if check is not None and not check.passed:
+            worst = max(check.changes)
+            raise VerificationError(
+                f"the model's output changed by a relative {worst:.1e} (tolerance {check.tolerance:.0e}, random "
+                f"perturbations of the same size: {check.control:.1e}) under perturbations that its linear run "
+                f"({self.run.description if self.run else '?'}) calls harmless; the model does not compute what "
+                "its traced graph says (forward hooks? code that torch.fx specialised?). Nothing is returned; "
+                "please report the model")
 
     @property
     def _known_injective(self) -> bool:
@@ -141,6 +188,22 @@ class HarmlessSubspace:
         if fact is not None and fact.singular_values is not None and fact.singular_values.size:
             return float(fact.singular_values[0])
         return self.operator.norm_estimate()
+
+    @cached_property
+    def _tokenwise(self) -> tuple[list[TorchLinearOperator], torch.Tensor] | None:
+        """``(Q factors, V)`` when ``A = B W Q`` with ``Q`` orthogonal (reshapes, permutations),
+        ``W`` a token-wise matrix and ``B`` injective: then ``P_row(A) = Q^T (I kron V^T V) Q``
+        with ``V`` the orthonormal row basis of the small weight, exact at any number of tokens."""
+        factors = self.operator.factors if isinstance(self.operator, ComposedOperator) else [self.operator]
+        i = next((k for k, f in enumerate(factors) if not f.orthogonal), None)
+        if i is None or not isinstance(factors[i], TokenwiseMatrixOperator) or \
+                not all(f.injective for f in factors[i + 1:]):
+            return None
+        w = factors[i].matrix.detach().to("cpu", torch.float64).numpy()
+        _, sv, vt = scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+        v = torch.as_tensor(np.ascontiguousarray(vt[:svd_rank(sv, *w.shape)]), dtype=self.dtype,
+                            device=self.operator.device)
+        return factors[:i], v
 
     @cached_property
     def _row_basis(self) -> torch.Tensor | None:
@@ -172,6 +235,16 @@ class HarmlessSubspace:
         """Orthogonal projection onto the row space of A (the harmful part), validated input."""
         if self._known_injective:
             return d.clone()  # injective: every direction is harmful, no factorisation needed
+        tokenwise = self._tokenwise
+        if tokenwise is not None:
+            pre, v = tokenwise
+            z = d
+            for f in pre:
+                z = f._matvec(z)
+            z = (z @ v.T) @ v
+            for f in reversed(pre):
+                z = f._rmatvec(z)
+            return z
         basis = self._row_basis
         if basis is not None:
             flat = d.reshape(d.shape[0], -1)
@@ -185,11 +258,13 @@ class HarmlessSubspace:
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """The harmless part ``P delta`` of each perturbation (Theorem 4)."""
         d = self._batch(delta)
+        self._verified()
         return (d - self._harmful(d)).to(delta.device)
 
     def decompose(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(harmless, harmful)`` with ``harmless + harmful == delta`` and the two orthogonal."""
         d = self._batch(delta)
+        self._verified()
         harmful = self._harmful(d)
         return (d - harmful).to(delta.device), harmful.to(delta.device)
 
@@ -213,11 +288,16 @@ class HarmlessSubspace:
             raise InputError(f"n must be a positive int, got {n!r}")
         if self._known_injective:
             raise NoHarmlessSubspaceError(self._injective_message())
+        self._verified()
         gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
         out = torch.empty(n, *self.input_shape, dtype=self.dtype, device=self.operator.device)
         todo = torch.arange(n)
         floor = 1e-3 * math.sqrt(self._dim_lower_bound / self.ambient_dim)
-        for _ in range(100):
+        # With a known dimension d > 0 a draw fails with probability ~ 0 (its harmless part has
+        # a chi distribution with d degrees of freedom); with an unknown one, a few draws that
+        # all fail are the evidence that there is (numerically) nothing to draw.
+        rounds = 10 if self._exact_dim is not None else 3
+        for _ in range(rounds):
             g = torch.randn(len(todo), *self.input_shape, generator=gen, dtype=torch.float64)
             g = g.to(dtype=self.dtype, device=self.operator.device)
             p = g - self._harmful(g)
@@ -229,7 +309,15 @@ class HarmlessSubspace:
             todo = todo[~ok.cpu()]
             if len(todo) == 0:
                 return out
-        raise NoHarmlessSubspaceError("could not draw harmless perturbations: every draw lay in the row space")
+        if self._exact_dim is None:
+            raise NoHarmlessSubspaceError(
+                f"no harmless direction found: in {rounds} rounds of random draws every projection was numerically "
+                f"zero. The rank of this {self.output_dim} x {self.ambient_dim} prefix could not be computed "
+                f"({getattr(self, '_rank_failure', 'too large')}), so this is evidence, not a certificate, that the "
+                f"prefix is injective; the certified lower bound on the dimension is max(0, n - m) = "
+                f"{max(0, self.ambient_dim - self.output_dim)}")
+        raise NoHarmlessSubspaceError(f"could not draw harmless perturbations in {rounds} rounds: every draw lay "
+                                      f"in the row space (dim {self._exact_dim})")
 
     @property
     def _dim_lower_bound(self) -> int:
@@ -239,6 +327,7 @@ class HarmlessSubspace:
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis of the subspace, shape ``(dim, *input_shape)`` (dense path)."""
+        self._verified()
         if self.dim == 0:
             return torch.zeros(0, *self.input_shape, dtype=self.dtype, device=self.operator.device)
         info = self._factorization
@@ -258,6 +347,11 @@ class HarmlessSubspace:
         return basis.reshape(-1, *self.input_shape)
 
     def _injective_message(self) -> str:
+        if self.dim_is_lower_bound and self.run is not None:
+            return (f"the linear run found ({self.output_dim} outputs from {self.ambient_dim} inputs, rank {self.rank}) "
+                    f"is injective, but it stopped before the model's linear prefix ended ({self.run.stop_kind} at "
+                    f"{self.run.stopped_at}: {self.run.stop_reason}): the model may have harmless perturbations "
+                    "that this analysis cannot see")
         return (f"the linear prefix ({self.output_dim} outputs from {self.ambient_dim} inputs, rank {self.rank}) is "
                 "injective: no non-zero perturbation is harmless. Use harmless.least_harmful(...) for the "
                 "least harmful directions (Lemma 2).")
@@ -273,7 +367,7 @@ def _resolve_dtype(model: object, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _as_operator_and_run(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], layer: str | None,
-                         dtype: torch.dtype) -> tuple[TorchLinearOperator, LinearRun | None]:
+                         dtype: torch.dtype, output: object = None) -> tuple[TorchLinearOperator, LinearRun | None]:
     if isinstance(model, TorchLinearOperator):
         if layer is not None:
             raise InputError("layer= applies to models, not to operators")
@@ -282,13 +376,14 @@ def _as_operator_and_run(model: nn.Module | TorchLinearOperator, input_shape: Se
         return model, None
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module or a TorchLinearOperator, got {type(model).__name__}")
-    run = linear_run(model, input_shape, layer=layer, dtype=dtype)
+    run = linear_run(model, input_shape, layer=layer, dtype=dtype, output=output)
     return run.operator, run
 
 
 def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Sequence[int], *,
                       layer: str | None = None, dtype: torch.dtype | None = None, method: str = "auto",
-                      dense_limit: int = DEFAULT_DENSE_LIMIT, rtol: float | None = None) -> HarmlessSubspace:
+                      dense_limit: int = DEFAULT_DENSE_LIMIT, rtol: float | None = None,
+                      output: object = None) -> HarmlessSubspace:
     """The harmless subspace of ``model`` for inputs of shape ``input_shape`` (no batch axis).
 
     With ``layer=None`` it is the nullspace of the model's linear prefix (the leading run of
@@ -304,6 +399,14 @@ def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Seque
     ``rtol`` is the relative harmful residual the matrix-free projection must reach
     (default 1e-13 in float64, 1e-6 in float32). ``dtype`` defaults to float64 for models and
     to the operator's own dtype for operators.
+
+    Every step of the linear run is checked against the model's own output before this
+    returns (``space.run.layers[i].defect``), and before the first perturbation is handed out
+    the model itself is run on harmless perturbations (``space.model_check``); a failure
+    raises :class:`~harmless.errors.VerificationError` instead of a wrong answer. ``output``
+    selects the tensor to compare when the model returns a tuple, dict or dataclass.
+    ``space.dim_is_lower_bound`` says when the run stopped early (the result is then a
+    subspace of the true one).
     """
     shape = _validate_shape(input_shape)
     dtype = _resolve_dtype(model, dtype)
@@ -313,7 +416,7 @@ def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Seque
         raise InputError(f"dense_limit must be a positive int, got {dense_limit!r}")
     if rtol is not None:
         rtol = _validate_rtol(rtol)
-    op, run = _as_operator_and_run(model, shape, layer, dtype)
+    op, run = _as_operator_and_run(model, shape, layer, dtype, output)
     return HarmlessSubspace(op, run=run, rtol=rtol, dense_limit=dense_limit, method=method)
 
 
