@@ -182,7 +182,7 @@ def test_deepfool_matches_art(models, batch, arch):
 
 def test_cw_matches_art(models, batch):
     # ART's C&W L2 descends with a line search instead of Adam (10 iterations per constant here,
-    # against our 100 Adam steps, about the same time). On the same samples both succeed
+    # against our 100 Adam steps). On the same 24 samples both succeed
     # everywhere, ours is no larger in the median (measured: 0.895 against ART's 1.006, 11 %
     # smaller), and neither is far below DeepFool's norm, which ends just past the boundary it
     # finds (both are local searches; measured: ours ≥ 1.08 ×, ART's ≥ 1.16 × DeepFool's).

@@ -25,8 +25,8 @@ class DeepFool(Attack):
     as in the authors' reference code (the 1e-4 pushes each step just past the linearised
     boundary). A sample stops (is frozen) once its prediction differs from ``y``, and only the
     samples still running are evaluated. Samples the model already misclassifies are returned
-    unchanged (``iterations`` 0). A sample still correctly classified after ``steps`` updates
-    is returned at its last iterate, with ``success`` False.
+    unchanged (``iterations`` 0). ``steps`` bounds the updates per sample; a sample still
+    correctly classified after them is returned at its last iterate, with ``success`` False.
     """
 
     def __init__(self, steps: int = 50, candidates: int | None = 10, overshoot: float = 0.02, *,

@@ -79,7 +79,8 @@ class PGD(Attack):
     ``sign`` (L∞) or ``g/‖g‖₂`` (L2), ``Π_eps`` the projection onto the eps ball, and the step
     ``α = abs_stepsize`` or else ``rel_stepsize · eps`` (default ``2.5 / steps``, Madry's rule,
     so the iterate can cross the ball 2.5 times). ``random_start`` begins at a point drawn
-    uniformly from the eps ball (clipped to the box), with ``generator``.
+    uniformly from the eps ball (clipped to the box), drawn with ``generator`` (None: torch's
+    global generator); without it the attack is deterministic.
     """
 
     def __init__(self, eps: float, steps: int = 40, norm: str | int = "inf", *, rel_stepsize: float | None = None,
