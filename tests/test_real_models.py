@@ -622,3 +622,15 @@ def test_random_compositions_never_exceed_the_truth(kinds: list[str], n: int, se
         with torch.no_grad():
             base, moved = m64(x), m64(x + 1e3 * d)
         assert torch.allclose(moved, base, rtol=0, atol=1e-9 * (1 + float(base.abs().max())))
+
+
+def test_contains_follows_the_perturbations_precision() -> None:
+    """A harmless float64 perturbation rounded to float32 is still harmless to float32
+    precision; a random float32 perturbation is not (issue 11, item 8)."""
+    torch.manual_seed(13)
+    space = harmless.harmless_subspace(nn.Sequential(nn.Linear(12, 5), nn.ReLU()).eval(), (12,))
+    d = space.sample(4)
+    assert bool(space.contains(d).all())
+    assert bool(space.contains(d.float()).all())
+    assert not bool(space.contains(torch.randn(4, 12)).any())
+    assert not bool(space.contains(d.float(), rtol=1e-12).all())  # an explicit rtol is taken as given

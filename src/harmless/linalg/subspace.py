@@ -269,9 +269,19 @@ class HarmlessSubspace:
         return (d - harmful).to(delta.device), harmful.to(delta.device)
 
     def contains(self, delta: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-        """Per sample: is ``||A delta|| <= rtol * ||A|| * ||delta||``? (zero counts as harmless)."""
+        """Per sample: is ``||A delta|| <= rtol * ||A|| * ||delta||``? (zero counts as harmless).
+
+        The default ``rtol`` follows the coarser of the subspace's and the perturbation's
+        precision: rounding a harmless float64 ``delta`` to float32 moves each entry by up to
+        half a float32 ulp, so ``||A delta_32|| <= eps_32 / 2 * ||A|| * ||delta||``; such a
+        perturbation is still counted as harmless (with a factor 10 of margin)."""
         d = self._batch(delta)
-        tol = self.rtol * 100 if rtol is None else _validate_rtol(rtol)
+        if rtol is None:
+            tol = self.rtol * 100
+            if delta.is_floating_point() and torch.finfo(delta.dtype).eps > torch.finfo(self.dtype).eps:
+                tol = max(tol, 10 * torch.finfo(delta.dtype).eps)
+        else:
+            tol = _validate_rtol(rtol)
         out = self.operator.matvec(d).reshape(d.shape[0], -1).norm(dim=1)
         return (out <= tol * self.operator_norm * d.reshape(d.shape[0], -1).norm(dim=1)).to(delta.device)
 

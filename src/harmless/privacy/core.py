@@ -56,6 +56,11 @@ class Projector:
         self.matrix = a
         rank = int(space.rank)
         if rank >= self.n:
+            if space.dim_is_lower_bound:
+                raise NoHarmlessSubspaceError(
+                    f"no harmless subspace found (rank {rank} of {self.n} inputs), but the linear run stopped early "
+                    "(see space.run), so this does not show that the model is injective: nothing can be hidden "
+                    "with what the analysis found")
             raise NoHarmlessSubspaceError(
                 f"the linear prefix is injective (rank {rank} of {self.n} inputs): nothing can be hidden")
         fact = space._factorization  # the subspace's own dense SVD, when it made one: reuse it
