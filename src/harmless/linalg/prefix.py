@@ -116,7 +116,6 @@ class LinearRun:
     stop_kind: str = "output"
     scope: str = "the whole model"
     tolerance: float = 0.0
-    stop_defect: float | None = None
     notes: list[str] = field(default_factory=list)
     probe: ModelProbe | None = field(default=None, repr=False)
 
@@ -716,9 +715,9 @@ def check_on_model(probe: ModelProbe, harmless: torch.Tensor, control: torch.Ten
     norms = probe.source_norms.to(device=device, dtype=dtype).clamp_min(1e-300)
 
     def run_with(delta: torch.Tensor | None) -> torch.Tensor:
-        if delta is None:
+        if delta is None:  # a copy: a model that writes into its input must not change the probes
             with torch.no_grad():
-                return _flat64(select_output(model(x), probe.output))
+                return _flat64(select_output(model(x.clone()), probe.output))
         d = delta.to(device=device, dtype=dtype)
         if probe.layer is None:
             with torch.no_grad():
@@ -731,7 +730,7 @@ def check_on_model(probe: ModelProbe, harmless: torch.Tensor, control: torch.Ten
         handle = target.register_forward_pre_hook(add)
         try:
             with torch.no_grad():
-                return _flat64(select_output(model(x), probe.output))
+                return _flat64(select_output(model(x.clone()), probe.output))
         finally:
             handle.remove()
 

@@ -149,7 +149,8 @@ class Recorder(torch.fx.Interpreter):
             result = self.inject(result)
         if n in self.keep:
             # A copy: a later in-place op (x.add_(...)) must not change what was recorded.
-            self.values[n] = result.clone() if isinstance(result, torch.Tensor) and n.op.startswith("call") else result
+            # (Parameters and buffers, get_attr nodes, are kept as they are: never written, maybe large.)
+            self.values[n] = result.clone() if isinstance(result, torch.Tensor) and n.op != "get_attr" else result
         if n is self.stop_after:
             raise _Done
         return result
