@@ -416,3 +416,36 @@ def test_normalize_operator_scale() -> None:
     op = operator_for_module(norm, (2, 3))
     assert isinstance(op, ChannelScaleOperator) and op.bijective
     np.testing.assert_allclose(op.to_dense().numpy(), oracle.dense_matrix(norm, (2, 3)), atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------
+# Operator algebra: adjoint, sums, scalings, vertical stacks (as SciPy's LinearOperator)
+# ---------------------------------------------------------------------------------------
+def test_operator_algebra_matches_dense_matrices() -> None:
+    from harmless.linalg.operators import vstack
+
+    gen = torch.Generator().manual_seed(0)
+    conv = ConvOperator(torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64), (3, 6, 5), stride=(2, 1),
+                        padding=(1, 0), dilation=(1, 1))
+    flat = ReshapeOperator(conv.out_shape, (conv.m,))
+    a = flat @ conv
+    b = MatrixOperator(torch.randn(a.m, a.n, generator=gen, dtype=torch.float64), in_shape=a.in_shape)
+    c = MatrixOperator(torch.randn(4, a.n, generator=gen, dtype=torch.float64), in_shape=a.in_shape)
+    da, db, dc = a.to_dense().numpy(), b.to_dense().numpy(), c.to_dense().numpy()
+    np.testing.assert_allclose(a.H.to_dense().numpy(), da.T, atol=1e-13)
+    assert a.H.H is a and a.T.in_shape == a.out_shape
+    np.testing.assert_allclose((a + b).to_dense().numpy(), da + db, atol=1e-13)
+    np.testing.assert_allclose((a - 2.5 * b).to_dense().numpy(), da - 2.5 * db, atol=1e-13)
+    np.testing.assert_allclose((-a * 3).to_dense().numpy(), -3 * da, atol=1e-13)
+    stacked = vstack([a, c])
+    np.testing.assert_allclose(stacked.to_dense().numpy(), np.vstack([da, dc]), atol=1e-13)
+    np.testing.assert_allclose(stacked.H.to_dense().numpy(), np.vstack([da, dc]).T, atol=1e-13)
+    # The nullspace of a stack is the intersection of the nullspaces.
+    space = harmless.harmless_subspace(vstack([a, c]), a.in_shape)
+    assert space.dim == a.n - np.linalg.matrix_rank(np.vstack([da, dc]))
+    with pytest.raises(InputError, match="input shapes"):
+        a + MatrixOperator(torch.randn(a.m, 5, dtype=torch.float64))
+    with pytest.raises(InputError, match="output shapes"):
+        a + c
+    with pytest.raises(TypeError):
+        a * a  # type: ignore[operator]

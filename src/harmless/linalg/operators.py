@@ -109,6 +109,34 @@ class TorchLinearOperator:
         """``self @ other`` is the map ``x -> self(other(x))``."""
         return ComposedOperator([other, self])
 
+    # -- algebra (as SciPy's LinearOperator) ---------------------------------------------
+    @property
+    def H(self) -> TorchLinearOperator:  # noqa: N802 - SciPy's name for the adjoint
+        """The adjoint ``A^T`` as an operator (``A.H.H`` is ``A``)."""
+        return AdjointOperator(self)
+
+    @property
+    def T(self) -> TorchLinearOperator:  # noqa: N802 - real operators: the transpose is the adjoint
+        return self.H
+
+    def __add__(self, other: TorchLinearOperator) -> TorchLinearOperator:
+        """``(A + B) x = A x + B x``."""
+        return SumOperator([(1.0, self), (1.0, other)])
+
+    def __sub__(self, other: TorchLinearOperator) -> TorchLinearOperator:
+        return SumOperator([(1.0, self), (-1.0, other)])
+
+    def __mul__(self, scalar: float) -> TorchLinearOperator:
+        """``(c A) x = c (A x)`` for a real number ``c``."""
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        return SumOperator([(float(scalar), self)])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> TorchLinearOperator:
+        return SumOperator([(-1.0, self)])
+
     # -- dense forms and conversions -------------------------------------------------
     def to_dense(self, *, limit: int = DEFAULT_DENSE_LIMIT, batch: int = 256) -> torch.Tensor:
         """The ``(m, n)`` matrix, built column block by column block from ``matvec``
@@ -456,3 +484,92 @@ class ComposedOperator(TorchLinearOperator):
 
     def astype(self, dtype: torch.dtype) -> ComposedOperator:
         return ComposedOperator([f.astype(dtype) for f in self.factors])
+
+
+def _same_space(ops: Sequence[TorchLinearOperator], what: str) -> None:
+    for op in ops[1:]:
+        if op.in_shape != ops[0].in_shape:
+            raise InputError(f"cannot {what}: input shapes {ops[0].in_shape} and {op.in_shape} differ")
+        if op.dtype != ops[0].dtype:
+            raise InputError(f"cannot {what} operators of different dtypes ({ops[0].dtype}, {op.dtype})")
+
+
+class AdjointOperator(TorchLinearOperator):
+    """``A^T``: ``matvec`` is ``A``'s ``rmatvec`` and the other way round."""
+
+    def __init__(self, op: TorchLinearOperator) -> None:
+        super().__init__(op.out_shape, op.in_shape, dtype=op.dtype, device=op.device)
+        self.op = op
+        self.orthogonal = op.orthogonal
+        self.bijective = op.bijective
+
+    @property
+    def H(self) -> TorchLinearOperator:  # noqa: N802
+        return self.op
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op._rmatvec(x)
+
+    def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return self.op._matvec(y)
+
+    def astype(self, dtype: torch.dtype) -> AdjointOperator:
+        return AdjointOperator(self.op.astype(dtype))
+
+
+class SumOperator(TorchLinearOperator):
+    """``sum_i c_i A_i`` over operators with the same input and output shapes."""
+
+    def __init__(self, terms: Sequence[tuple[float, TorchLinearOperator]]) -> None:
+        ops = [op for _, op in terms]
+        if not ops:
+            raise InputError("a sum needs at least one operator")
+        _same_space(ops, "add")
+        for op in ops[1:]:
+            if op.out_shape != ops[0].out_shape:
+                raise InputError(f"cannot add: output shapes {ops[0].out_shape} and {op.out_shape} differ")
+        super().__init__(ops[0].in_shape, ops[0].out_shape, dtype=ops[0].dtype, device=ops[0].device)
+        self.terms = [(float(c), op) for c, op in terms]
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(c * op._matvec(x) for c, op in self.terms)  # type: ignore[return-value]
+
+    def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return sum(c * op._rmatvec(y) for c, op in self.terms)  # type: ignore[return-value]
+
+    def astype(self, dtype: torch.dtype) -> SumOperator:
+        return SumOperator([(c, op.astype(dtype)) for c, op in self.terms])
+
+
+class StackedOperator(TorchLinearOperator):
+    """``[A_1; A_2; ...]``: operators on the same input, outputs flattened and concatenated
+    (``m = sum m_i``). Its nullspace is the intersection of theirs."""
+
+    def __init__(self, ops: Sequence[TorchLinearOperator]) -> None:
+        ops = list(ops)
+        if not ops:
+            raise InputError("a stack needs at least one operator")
+        _same_space(ops, "stack")
+        super().__init__(ops[0].in_shape, (sum(op.m for op in ops),), dtype=ops[0].dtype, device=ops[0].device)
+        self.ops = ops
+        self.injective = any(op.injective for op in ops)
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([op._matvec(x).reshape(x.shape[0], -1) for op in self.ops], dim=1)
+
+    def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        out, start = None, 0
+        for op in self.ops:
+            part = op._rmatvec(y[:, start:start + op.m].reshape(y.shape[0], *op.out_shape))
+            out = part if out is None else out + part
+            start += op.m
+        assert out is not None
+        return out
+
+    def astype(self, dtype: torch.dtype) -> StackedOperator:
+        return StackedOperator([op.astype(dtype) for op in self.ops])
+
+
+def vstack(ops: Sequence[TorchLinearOperator]) -> StackedOperator:
+    """The operators stacked vertically (:class:`StackedOperator`): ``N(vstack) = ∩ N(A_i)``."""
+    return StackedOperator(ops)

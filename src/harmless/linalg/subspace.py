@@ -122,6 +122,11 @@ class HarmlessSubspace:
         subspace is harmless, but the model's true harmless subspace may be larger."""
         return self.run is not None and not self.run.complete
 
+    @property
+    def known_dim(self) -> int | None:
+        """``dim`` when an exact rank method fits, else ``None`` (never raises ``TooLargeError``)."""
+        return self._exact_dim
+
     @cached_property
     def _exact_dim(self) -> int | None:
         """``dim`` when an exact rank method fits, else ``None`` (asked once: a failing rank
@@ -175,8 +180,11 @@ class HarmlessSubspace:
         return self._exact_dim == 0
 
     @cached_property
-    def _factorization(self) -> RankResult | None:
-        """A dense SVD with orthonormal bases, when the matrix is small enough (else CGLS)."""
+    def factorization(self) -> RankResult | None:
+        """The subspace's one dense SVD with orthonormal bases of the row space and the
+        nullspace (``RankResult.row_basis``/``null_basis``), computed once on first use, when
+        the matrix has at most ``dense_limit`` entries; ``None`` otherwise (then every method
+        works matrix-free). Applications reuse it rather than factorising again."""
         if self.operator.m * self.operator.n > self._dense_limit or self._method not in ("auto", "dense"):
             return None
         return analyze_rank(self.operator, method="dense", dense_limit=self._dense_limit, bases=True)
@@ -184,7 +192,7 @@ class HarmlessSubspace:
     @cached_property
     def operator_norm(self) -> float:
         """``||A||_2`` (exact from the SVD when available, else a power-iteration estimate)."""
-        fact = self._factorization
+        fact = self.factorization
         if fact is not None and fact.singular_values is not None and fact.singular_values.size:
             return float(fact.singular_values[0])
         return self.operator.norm_estimate()
@@ -208,7 +216,7 @@ class HarmlessSubspace:
     @cached_property
     def _row_basis(self) -> torch.Tensor | None:
         """Orthonormal rows spanning the row space (dense path, when a nullspace exists)."""
-        fact = self._factorization
+        fact = self.factorization
         if fact is None or fact.row_basis is None:
             return None
         return torch.as_tensor(fact.row_basis, dtype=self.dtype, device=self.operator.device)
@@ -340,7 +348,7 @@ class HarmlessSubspace:
         self._verified()
         if self.dim == 0:
             return torch.zeros(0, *self.input_shape, dtype=self.dtype, device=self.operator.device)
-        info = self._factorization
+        info = self.factorization
         if info is None and self.rank_info.method == "gram-eigh":
             info = analyze_rank(self.operator, method="gram", bases=True)
         if info is None or info.null_basis is None:
