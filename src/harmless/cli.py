@@ -122,34 +122,38 @@ def cmd_models_train(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from harmless.linalg.report import format_dim, layer_report, markdown_table
+    from harmless.linalg.report import headline, layer_report, markdown_table, run_as_dict, steps_table
     from harmless.linalg.subspace import harmless_subspace
 
     model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
                                  data_dir=args.data_dir, progress=not args.json)
-    prefix, rows, description = layer_report(model, shape)
+    prefix, rows, run = layer_report(model, shape)
     layer_space = None
     if args.layer:
         layer_space = harmless_subspace(model, shape, layer=args.layer, dtype=torch.float64)
     if args.json:
-        payload = {"model": args.model, "input_shape": list(shape), "linear_prefix": description,
-                   "input_level": prefix.as_dict(), "layers": [r.as_dict() for r in rows]}
+        payload = {"model": args.model, "input_shape": list(shape), "linear_prefix": run.description,
+                   "run": run_as_dict(run), "input_level": prefix.as_dict(), "layers": [r.as_dict() for r in rows]}
         if layer_space is not None:
             payload["layer"] = {"name": args.layer, "input_shape": list(layer_space.input_shape),
                                 "dim": layer_space.dim, "ambient_dim": layer_space.ambient_dim,
-                                "method": layer_space.dim_method}
+                                "method": layer_space.dim_method, "lower_bound": layer_space.dim_is_lower_bound}
         print(json.dumps(payload, indent=2))
         return 0
     print(f"model: {args.model}   input shape: {'x'.join(map(str, shape))}")
-    print(f"linear prefix: {description}")
-    exists = prefix.harmless_dim is None or prefix.harmless_dim > 0
-    print(f"input-level harmless subspace: dim {format_dim(prefix)} of {prefix.input_dim}"
-          + ("" if exists else "  (none: the prefix is injective; see harmless.least_harmful)"))
+    print(f"linear prefix: {run.description}")
+    print(f"linear run, each step checked against the model's own output (relative defect; tolerance "
+          f"{run.tolerance:.0e}):" if run.layers else "linear run: empty")
+    print(steps_table(run))
+    print(f"input-level harmless subspace: {headline(prefix, run)}")
     print()
     print(markdown_table(prefix, rows), end="")
     if layer_space is not None:
-        print(f"\nH^(l) at the input of {args.layer}: dim {layer_space.dim} of {layer_space.ambient_dim} "
+        bound = ">= " if layer_space.dim_is_lower_bound else ""
+        print(f"\nH^(l) at the input of {args.layer}: dim {bound}{layer_space.dim} of {layer_space.ambient_dim} "
               f"({layer_space.dim_method})")
+        for note in layer_space.run.notes if layer_space.run else []:
+            print(f"  note: {note}")
     return 0
 
 

@@ -63,7 +63,7 @@ class Projector:
                     "with what the analysis found")
             raise NoHarmlessSubspaceError(
                 f"the linear prefix is injective (rank {rank} of {self.n} inputs): nothing can be hidden")
-        fact = space._factorization  # the subspace's own dense SVD, when it made one: reuse it
+        fact = space.factorization  # the subspace's own dense SVD, when it made one: reuse it
         if fact is not None and fact.row_basis is not None and fact.null_basis is not None \
                 and fact.row_basis.shape[0] == rank:
             self.row = torch.as_tensor(fact.row_basis, dtype=torch.float64).reshape(rank, self.n).contiguous()

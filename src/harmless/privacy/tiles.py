@@ -113,7 +113,7 @@ def tiling(model: nn.Module, image_shape: Sequence[int], tile: int, *,
                          f"on a single tile ({err})") from err
     result = Tiling(shape, tile, part, whole)
     count = result.tiles_per_image
-    dim = whole._exact_dim
+    dim = whole.known_dim
     if dim is None or dim != count * part.dim:
         raise InputError(f"the linear prefix does not split into {tile}x{tile} tiles: the image's harmless "
                          f"dimension is {dim if dim is not None else 'unknown'}, {count} tiles have "
