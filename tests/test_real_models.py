@@ -634,3 +634,25 @@ def test_contains_follows_the_perturbations_precision() -> None:
     assert bool(space.contains(d.float()).all())
     assert not bool(space.contains(torch.randn(4, 12)).any())
     assert not bool(space.contains(d.float(), rtol=1e-12).all())  # an explicit rtol is taken as given
+
+
+def test_fingerprints_work_behind_inline_normalisation_and_never_call_a_stopped_run_injective() -> None:
+    from harmless.fingerprint import create_fingerprint, verify_fingerprint
+
+    torch.manual_seed(14)
+    model = InlineNormalised("operators").eval()
+    probes = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    fp = create_fingerprint(model, (3, 4, 4), probes, k=2)
+    assert fp.harmless_dim == 28 and verify_fingerprint(fp, model).same
+
+    class Skip(nn.Module):  # the input is read twice: the run is empty, and says why
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x + self.fc(x))
+
+    with pytest.raises(NoHarmlessSubspaceError, match="stopped early") as exc:
+        create_fingerprint(Skip().eval(), (6,), torch.rand(2, 6), k=2)
+    assert "injective" not in str(exc.value)

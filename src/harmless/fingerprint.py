@@ -315,10 +315,11 @@ def _exclusion(model: nn.Module, exclude: Sequence[nn.Module], shape: tuple[int,
     the unit-norm prefix matrices of A and of each Bi."""
     if mode not in ("joint", "each"):
         raise InputError(f"mode must be 'joint' or 'each', got {mode!r}")
-    a = _prefix_matrix(harmless_subspace(model, shape, dtype=torch.float64), dense_limit)
+    space = harmless_subspace(model, shape, dtype=torch.float64)
+    a = _prefix_matrix(space, dense_limit)
     na = _null_rows(a)
     if na.shape[0] == 0:
-        raise NoHarmlessSubspaceError(_injective_message(a.shape[0], a.shape[1]))
+        raise NoHarmlessSubspaceError(_injective_message(space))
     mats = []
     for other in exclude:
         b = _prefix_matrix(harmless_subspace(other, shape, dtype=torch.float64), dense_limit)
@@ -364,7 +365,13 @@ def exclusion_margin(delta: torch.Tensor, models: Sequence[nn.Module], input_sha
     return out
 
 
-def _injective_message(m: int, n: int) -> str:
+def _injective_message(space: HarmlessSubspace) -> str:
+    m, n = space.output_dim, space.ambient_dim
+    if space.dim_is_lower_bound and space.run is not None:
+        # Never "injective" when the analysis merely stopped (a branch, an unknown step).
+        return (f"cannot create a fingerprint: no harmless subspace was found, but the linear run stopped early "
+                f"({space.run.stop_kind} at {space.run.stopped_at}: {space.run.stop_reason}), so the model may still "
+                "have one that the analysis cannot see; `harmless analyze` shows the run step by step")
     return (f"cannot create a fingerprint: the model has no harmless subspace (its linear prefix maps {n} inputs "
             f"to {m} outputs injectively, so no non-zero perturbation is harmless). Fingerprints need a first "
             "linear layer with a nullspace, e.g. a fully-connected first layer narrower than the input.")
@@ -490,7 +497,7 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
     else:
         space = harmless_subspace(model, shape, dtype=torch.float64, dense_limit=dense_limit)
         if space.dim == 0:
-            raise NoHarmlessSubspaceError(_injective_message(space.output_dim, space.ambient_dim))
+            raise NoHarmlessSubspaceError(_injective_message(space))
         dims, excluded_dim, harmless_dim = [], 0, space.dim
         delta = space.sample(k, generator=gen).to("cpu", torch.float64)
         delta = (delta * magnitude).reshape(k, *shape).contiguous()
