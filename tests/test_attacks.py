@@ -162,15 +162,16 @@ def test_deepfool_matches_art(models, batch, arch):
     # Differences by design: ART applies the overshoot once, at the end (x + 1.02·r), where we
     # apply it to every iterate (the reference code), and it takes the top-10 classes of the
     # whole batch where we take each sample's own. Both cross the same boundaries, so the success
-    # rates agree within a point and the per-sample L2 norms within the overshoot's reach:
-    # median ratio within 3 %, every sample within 10 % (measured: success 100 % for both;
-    # ratio ours/ART 0.979–1.000, median 0.981 (MLP) and 0.982 (CNN)). Ours is about 2 % smaller:
+    # rates agree within a point (here: the 99 and 87 correctly classified of the first 100) and
+    # the per-sample L2 norms within the overshoot's reach: median ratio within 3 %, every sample
+    # within 10 % (measured: success 100 % for both; ratio ours/ART 0.979–1.000, median 0.981
+    # (MLP) and 0.982 (CNN)). Ours is about 2 % smaller:
     # ART multiplies its final perturbation by 1.02, whereas in the reference scheme the later
     # steps are computed from overshot iterates and correct for it, so the result lies just
     # past the boundary (measured on 16 samples: 0.9997·δ is no longer adversarial).
     from art.attacks.evasion import DeepFool as ArtDeepFool
     model, (x, y) = models[arch], batch
-    x, y = _correct(model, x, y)  # ART attacks the predicted class; for these it is y
+    x, y = _correct(model, x[:100], y[:100])  # ART attacks the predicted class; for these it is y
     ours = DeepFool(steps=50, candidates=10, overshoot=0.02)(model, x, y)
     art = ArtDeepFool(_art_classifier(model), max_iter=50, epsilon=0.02, nb_grads=10, batch_size=len(x),
                       verbose=False).generate(x.numpy())
