@@ -473,7 +473,7 @@ def test_list_zoo_rows():
     assert {r.spec for r in rows} >= {"mlp5:mnist", "lenet:fashion-mnist", "resnet18:cifar10", "vgg16:cifar10"}
     assert not any(r.cached for r in rows)
     row = next(r for r in rows if r.spec == "resnet50:cifar10")
-    assert row.params == {"stem_channels": 64, "stem_kernel": 3, "stem_stride": 1}
+    assert row.params == {"stem_channels": 64, "stem_kernel": 3, "stem_padding": None, "stem_stride": 1}
     assert row.needs_data_dir and row.test_accuracy is None
     _fake_checkpoint("resnet18:cifar10,stem_stride=4")
     extra = [r for r in list_zoo() if r.spec == "resnet18:cifar10,stem_stride=4"]
