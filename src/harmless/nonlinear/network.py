@@ -1,0 +1,529 @@
+"""Input sets P^(l) of ReLU networks at a sample (Lemma 1, Theorem 2): the exact convex piece.
+
+For a network of affine layers (``nn.Linear``, ``nn.Conv2d``, ``nn.Flatten``,
+:class:`harmless.nn.Normalize`, eval ``BatchNorm``, ... anything the linear core folds as a
+whole), ``nn.ReLU`` and ``nn.MaxPool2d`` in an ``nn.Sequential``, the set of input
+perturbations ``delta`` that leave the output of layer ``L`` unchanged at a sample ``x`` is
+a union of polyhedra, one per activation region. :class:`HarmlessPiece` is the one that
+contains ``delta = 0``, computed exactly:
+
+* **inequalities** ``G delta <= h``: the activation pattern of every ReLU and the argmax of
+  every max-pooling window before ``L`` is kept (units with ``z > 0`` stay ``>= 0``, units with
+  ``z <= 0`` stay ``<= 0``, each window's first maximal entry stays maximal). On this region
+  the network up to ``L`` is affine, ``z_L(x + delta) = z_L(x) + J_L delta``;
+* **equalities and inequalities of layer L** (the change at ``L``'s input lies in ``H``,
+  Lemmas 1.2/1.5, or ``L`` is affine): for an affine ``L`` its output change ``J delta = 0``;
+  for a ReLU the active units' change is 0 and the inactive ones stay ``<= 0``; for max pooling
+  the maximal entry's change is 0 and the others stay at most the maximum.
+
+So every ``delta`` in the piece leaves layer ``L``'s output, and everything after it, unchanged
+in exact arithmetic (the network is affine on the piece). ``P^(l) ⊆ P^(l+1)``: the pieces of
+consecutive layers are nested (the same tie rule everywhere).
+
+What is **not** computed: the other pieces of the union (reached by flipping a unit's sign or
+moving a window's argmax, e.g. a unit exactly at 0 may also turn on; Lemma 1's ``P`` is the
+union over all layers and regions, exponential in general). Nothing here is a global statement
+about perturbations outside the piece.
+
+All algebra is in float64 on a float64 copy of the model, dense in the input dimension ``n``
+(fine for MNIST-sized inputs; the Jacobian has ``n`` columns per layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import harmless
+from harmless.errors import InputError, TrainingModeWarning, UnsupportedLayerError, VerificationError
+from harmless.linalg.operators import TorchLinearOperator
+from harmless.nonlinear._common import (
+    Shape,
+    check_batch,
+    check_count,
+    check_sample,
+    check_scale,
+    default_generator,
+    first_argmax,
+    maxpool_windows,
+    window_values,
+)
+
+#: Relative change of the float64 network output below which ``certify`` calls it unchanged.
+OUTPUT_RTOL = 1e-9
+
+#: |G_i d| / ||G_i|| below this (d a unit direction inside the affine hull) is round-off: d is
+#: parallel to row i's hyperplane.
+_PARALLEL = 1e-12
+
+
+@dataclass
+class _Step:
+    name: str
+    kind: str  # "affine", "relu" or "max-pool"
+    module: nn.Module
+    in_shape: Shape
+    out_shape: Shape
+    operator: TorchLinearOperator | None = None
+    windows: torch.Tensor | None = None
+
+
+@dataclass
+class _Constraints:
+    """``E delta = 0`` and ``G delta <= h`` (dense, float64, rows over the flat input)."""
+
+    E: np.ndarray
+    G: np.ndarray
+    h: np.ndarray
+
+    @staticmethod
+    def empty(n: int) -> _Constraints:
+        return _Constraints(np.zeros((0, n)), np.zeros((0, n)), np.zeros(0))
+
+
+@dataclass
+class _StepTrace:
+    keep: _Constraints  # the pattern of this step kept (empty for affine steps)
+    last: _Constraints  # this step's output unchanged
+
+
+@dataclass
+class Certificate:
+    """Per sample of a batch of perturbations: the piece's constraints checked, and the model run.
+
+    ``equality_residual``: ``||M delta|| / (sigma_max(M) ||delta||)`` (M: the equalities,
+    implicit ones included); ``max_violation``: the largest ``(G delta - h)_i / (|h_i| +
+    ||G_i|| ||delta||)`` (<= 0 inside); ``contains``: both within ``rtol``;
+    ``layer_change``/``output_change``: ``||f(x + delta) - f(x)|| / ||f(x)||`` at layer ``L``'s
+    output and at the network's output, by running the float64 model; ``output_unchanged``:
+    ``output_change <= 1e-9``.
+    """
+
+    equality_residual: torch.Tensor
+    max_violation: torch.Tensor
+    contains: torch.Tensor
+    layer_change: torch.Tensor
+    output_change: torch.Tensor
+    output_unchanged: torch.Tensor
+
+
+class ReluNetwork:
+    """A ReLU network (``nn.Sequential`` of affine layers, ``nn.ReLU`` and ``nn.MaxPool2d``;
+    nested ``nn.Sequential`` are flattened) prepared for per-sample harmless sets.
+
+    Settings here, data in the calls: ``piece(sample, layer)`` for one sample,
+    ``pieces(x, layer)`` for a batch (one piece per sample), ``all_pieces(sample)`` for every
+    layer from one forward pass. ``rtol`` is the default tolerance of membership tests.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], *, rtol: float = 1e-9) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        shape = tuple(int(s) for s in input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
+        if not shape or any(s < 1 for s in shape):
+            raise InputError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < 1:
+            raise InputError(f"rtol must be a number in (0, 1), got {rtol!r}")
+        if model.training:
+            warnings.warn("the model is in training mode; its harmless sets are those of eval mode. Call "
+                          "model.eval() to silence this warning.", TrainingModeWarning, stacklevel=2)
+        self.input_shape: Shape = shape
+        self.rtol = float(rtol)
+        # A float64 copy in eval mode: the caller's model (and its mode, dtype) stays untouched.
+        self.model = copy.deepcopy(model).double().eval()
+        self.steps = self._plan(self.model)
+
+    @property
+    def n(self) -> int:
+        return int(math.prod(self.input_shape))
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers, in order (dotted module names); ``layer=`` takes one of these or an index."""
+        return [s.name for s in self.steps]
+
+    # -- the plan ----------------------------------------------------------------------
+    @staticmethod
+    def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+        if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+            raise UnsupportedLayerError(
+                f"{prefix or 'the model'} ({type(model).__name__}) is not an nn.Sequential with its plain forward; "
+                "harmless sets of networks need a chain of layers")
+        out = []
+        for name, child in model.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.Sequential):
+                out.extend(ReluNetwork._leaves(child, full))
+            else:
+                out.append((full, child))
+        return out
+
+    def _plan(self, model: nn.Module) -> list[_Step]:
+        leaves = self._leaves(model)
+        if not leaves:
+            raise InputError("the model has no layers")
+        steps = []
+        shape = self.input_shape
+        for name, module in leaves:
+            try:
+                with torch.no_grad():
+                    out_shape = tuple(module(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+            except Exception as exc:
+                raise InputError(f"layer {name!r} ({type(module).__name__}) does not accept inputs of shape "
+                                 f"{shape}: {exc}") from exc
+            if isinstance(module, nn.ReLU):
+                steps.append(_Step(name, "relu", module, shape, out_shape))
+            elif isinstance(module, nn.MaxPool2d):
+                if module.return_indices:
+                    raise UnsupportedLayerError(f"layer {name!r}: MaxPool2d(return_indices=True) is not supported")
+                steps.append(_Step(name, "max-pool", module, shape, out_shape, windows=maxpool_windows(module, shape)))
+            else:
+                run = harmless.linear_run(module, shape, dtype=torch.float64)
+                if run.stop_kind != "output":
+                    raise UnsupportedLayerError(
+                        f"layer {name!r} ({type(module).__name__}) is neither ReLU, MaxPool2d nor affine "
+                        f"({run.stop_reason or run.stop_kind}); the exact pieces here are for ReLU networks")
+                steps.append(_Step(name, "affine", module, shape, out_shape, operator=run.operator))
+            shape = out_shape
+        return steps
+
+    def _index(self, layer: str | int | None) -> int:
+        if layer is None:
+            return len(self.steps) - 1
+        if isinstance(layer, bool):
+            raise InputError(f"layer must be a name, an index or None, got {layer!r}")
+        if isinstance(layer, int):
+            if not -len(self.steps) <= layer < len(self.steps):
+                raise InputError(f"layer index {layer} is out of range for {len(self.steps)} layers")
+            return layer % len(self.steps)
+        if isinstance(layer, str):
+            if layer not in self.layer_names:
+                raise InputError(f"no layer named {layer!r}; the layers are {', '.join(self.layer_names)}")
+            return self.layer_names.index(layer)
+        raise InputError(f"layer must be a name, an index or None, got {type(layer).__name__}")
+
+    # -- the forward pass with the Jacobian --------------------------------------------
+    def _sample64(self, sample: torch.Tensor) -> torch.Tensor:
+        z = check_sample(sample, "sample")
+        if tuple(z.shape) != self.input_shape:
+            raise InputError(f"sample must have shape {self.input_shape} (one sample, no batch axis), "
+                             f"got {tuple(z.shape)}")
+        return z.to(torch.float64)
+
+    @torch.no_grad()
+    def _trace(self, x: torch.Tensor, upto: int) -> list[_StepTrace]:
+        n = self.n
+        z = x
+        jt = torch.eye(n, dtype=torch.float64).reshape(n, *self.input_shape)  # d z / d x_j, one row per j
+        traces = []
+        for step in self.steps[: upto + 1]:
+            if step.kind == "affine":
+                assert step.operator is not None
+                z = step.module(z.unsqueeze(0))[0]
+                jt = step.operator.matvec(jt)
+                j = jt.reshape(n, -1).T.numpy()
+                traces.append(_StepTrace(_Constraints.empty(n), _Constraints(j, np.zeros((0, n)), np.zeros(0))))
+            elif step.kind == "relu":
+                zf = z.reshape(-1).numpy()
+                j = jt.reshape(n, -1).T.numpy()
+                act = zf > 0  # Lemma 1.2: z = 0 counts as inactive
+                keep = _Constraints(np.zeros((0, n)), np.vstack([-j[act], j[~act]]),
+                                    np.concatenate([zf[act], -zf[~act]]))
+                last = _Constraints(j[act], j[~act], -zf[~act])
+                traces.append(_StepTrace(keep, last))
+                mask = torch.as_tensor(act).reshape(1, *step.in_shape)
+                z = F.relu(z)
+                jt = jt * mask
+            else:
+                assert step.windows is not None
+                w = step.windows
+                zf = z.reshape(1, -1)
+                vals = window_values(zf, w, float("-inf"))[0]  # (C, K, L)
+                kstar = first_argmax(vals, dim=1)  # (C, L)
+                jstar = torch.gather(w, 1, kstar.unsqueeze(1)).squeeze(1)  # flat index of each window's max
+                others = (w >= 0) & (torch.arange(w.shape[1]).view(1, -1, 1) != kstar.unsqueeze(1))
+                rows_i = w[others]
+                rows_j = jstar.unsqueeze(1).expand_as(w)[others]
+                j = jt.reshape(n, -1).T.numpy()
+                zn = zf[0].numpy()
+                g = j[rows_i.numpy()] - j[rows_j.numpy()]
+                h = zn[rows_j.numpy()] - zn[rows_i.numpy()]
+                nontrivial = np.any(g != 0, axis=1)  # a zero row with h >= 0 says nothing
+                g, h = g[nontrivial], h[nontrivial]
+                keep = _Constraints(np.zeros((0, n)), g, h)
+                last = _Constraints(j[np.unique(jstar.reshape(-1).numpy())], g, h)
+                traces.append(_StepTrace(keep, last))
+                z_out = step.module(z.unsqueeze(0))[0]
+                picked = z.reshape(-1)[jstar.reshape(-1)].reshape(z_out.shape)
+                if not torch.equal(picked, z_out):
+                    raise VerificationError(f"layer {step.name!r}: the window maxima read here differ from MaxPool2d's")
+                z = z_out
+                jt = jt.reshape(n, -1)[:, jstar.reshape(-1)].reshape(n, *step.out_shape)
+        return traces
+
+    def _assemble(self, x: torch.Tensor, traces: list[_StepTrace], index: int, dtype: torch.dtype) -> HarmlessPiece:
+        parts = [t.keep for t in traces[:index]] + [traces[index].last]
+        e = np.vstack([p.E for p in parts])
+        g = np.vstack([p.G for p in parts])
+        h = np.concatenate([p.h for p in parts])
+        return HarmlessPiece(self, index, x, e, g, h, dtype)
+
+    # -- public ------------------------------------------------------------------------
+    def piece(self, sample: torch.Tensor, layer: str | int | None = None) -> HarmlessPiece:
+        """The exact convex piece of ``P`` at layer ``layer`` (default: the network's output)
+        for one sample of shape ``input_shape``; ``sample`` is not modified."""
+        index = self._index(layer)
+        x = self._sample64(sample)
+        return self._assemble(x, self._trace(x, index), index, sample.dtype)
+
+    def pieces(self, x: torch.Tensor, layer: str | int | None = None) -> list[HarmlessPiece]:
+        """One piece per sample of the batch ``x`` ``(B, *input_shape)`` (the sets are per sample)."""
+        batch = check_batch(x, self.input_shape, "x")
+        return [self.piece(s, layer) for s in batch]
+
+    def all_pieces(self, sample: torch.Tensor) -> list[HarmlessPiece]:
+        """The piece at every layer (``layer_names`` order) for one sample, from one forward pass."""
+        x = self._sample64(sample)
+        traces = self._trace(x, len(self.steps) - 1)
+        return [self._assemble(x, traces, i, sample.dtype) for i in range(len(self.steps))]
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s output and the network's output for a float64 batch."""
+        z = x
+        at = None
+        for i, step in enumerate(self.steps):
+            z = step.module(z)
+            if i == index:
+                at = z
+        assert at is not None
+        return at, z
+
+
+class HarmlessPiece:
+    """The exact convex piece of the harmless input set ``P^(l)`` that contains ``delta = 0``
+    at one sample ``x`` (see :mod:`harmless.nonlinear.network`): ``E delta = 0``,
+    ``G delta <= h``. Every member leaves the output of layer ``layer``, hence the network's
+    output, unchanged in exact arithmetic; other pieces of the union are not computed.
+
+    ``dim`` is the dimension of its affine hull: ``n - rank(M)``, ``M`` the equalities plus
+    the inequalities that are tight at 0 and cannot be made strict (implicit equalities, found
+    by one HiGHS LP; only ties, e.g. a unit exactly at 0, can create them), the rank by
+    SciPy's SVD with NumPy's threshold ``max(M.shape) * eps * sigma_max``.
+    """
+
+    def __init__(self, network: ReluNetwork, index: int, x: torch.Tensor, e: np.ndarray, g: np.ndarray,
+                 h: np.ndarray, dtype: torch.dtype) -> None:
+        self.network = network
+        self.index = index
+        self.layer: str = network.steps[index].name
+        self.input_shape = network.input_shape
+        self.x = x  # float64, a private copy
+        self.E, self.G, self.h = e, g, h
+        self.dtype = dtype  # samples come back in the sample's dtype
+
+    @property
+    def n(self) -> int:
+        return self.network.n
+
+    @property
+    def n_equalities(self) -> int:
+        return int(self.E.shape[0])
+
+    @property
+    def n_inequalities(self) -> int:
+        return int(self.G.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"HarmlessPiece(layer={self.layer!r}, dim={self.dim}, n={self.n}, equalities={self.n_equalities}, "
+                f"inequalities={self.n_inequalities})")
+
+    # -- the affine hull -----------------------------------------------------------------
+    @cached_property
+    def implicit_equalities(self) -> np.ndarray:
+        """Indices of inequality rows that hold with equality on the whole piece."""
+        tight = np.flatnonzero(self.h <= 0)
+        if tight.size == 0:
+            return tight
+        gt = self.G[tight]
+        gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
+        t, n = gt.shape
+        # max sum(s) s.t. G_T d + s <= 0, E d = 0, 0 <= s <= 1: any row that can be made strict
+        # gets s = 1 at the optimum (the cone is closed under addition), an implicit one s = 0.
+        c = np.concatenate([np.zeros(n), -np.ones(t)])
+        a_ub = np.hstack([gt, np.eye(t)])
+        a_eq = np.hstack([self.E, np.zeros((self.E.shape[0], t))]) if self.E.shape[0] else None
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=np.zeros(t), A_eq=a_eq,
+                                     b_eq=np.zeros(self.E.shape[0]) if a_eq is not None else None,
+                                     bounds=[(None, None)] * n + [(0, 1)] * t, method="highs")
+        if res.status != 0:
+            raise VerificationError(f"the implicit-equality LP failed: {res.message}")
+        return tight[res.x[n:] < 0.5]
+
+    @cached_property
+    def _hull(self) -> tuple[np.ndarray, np.ndarray, int, float]:
+        m = np.vstack([self.E, self.G[self.implicit_equalities]])
+        if m.shape[0] == 0:
+            return m, np.eye(self.n), 0, 0.0
+        _, s, vt = scipy.linalg.svd(m, full_matrices=True)
+        tol = max(m.shape) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
+        rank = int(np.sum(s > tol))
+        return m, vt[rank:].T, rank, tol
+
+    @property
+    def rank(self) -> int:
+        """Rank of the equalities (implicit ones included)."""
+        return self._hull[2]
+
+    @property
+    def rank_tolerance(self) -> float:
+        """Singular values at most this count as zero: ``max(M.shape) * eps * sigma_max(M)``."""
+        return self._hull[3]
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the piece's affine hull: ``n - rank``."""
+        return self.n - self.rank
+
+    def basis(self) -> torch.Tensor:
+        """An orthonormal basis of the affine hull (through 0), ``(dim, *input_shape)`` float64."""
+        return torch.as_tensor(np.ascontiguousarray(self._hull[1].T)).reshape(-1, *self.input_shape)
+
+    @property
+    def description(self) -> str:
+        return (f"exact convex piece of P at layer {self.layer!r} containing 0: affine hull of dim {self.dim} of "
+                f"{self.n} ({self.n_equalities} equalities, rank {self.rank}; {self.n_inequalities} inequalities "
+                "keep the activation pattern); the other pieces of the union over activation regions are not "
+                "computed")
+
+    # -- membership ----------------------------------------------------------------------
+    def _flat(self, delta: torch.Tensor) -> np.ndarray:
+        d = check_batch(delta, self.input_shape)
+        return d.to(torch.float64).reshape(d.shape[0], -1).cpu().numpy()
+
+    def _tol(self, delta: torch.Tensor, rtol: float | None) -> float:
+        tol = self.network.rtol if rtol is None else float(rtol)
+        if not 0 < tol < 1:
+            raise InputError(f"rtol must be a number in (0, 1), got {rtol!r}")
+        # A perturbation rounded to a coarser dtype moves by half an ulp per entry.
+        return max(tol, 10 * torch.finfo(delta.dtype).eps) if delta.is_floating_point() else tol
+
+    def _residuals(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = self._hull[0]
+        dn = np.linalg.norm(d, axis=1)
+        tiny = np.finfo(np.float64).tiny
+        if m.shape[0]:
+            smax = float(np.linalg.norm(m, 2))
+            eq = np.linalg.norm(d @ m.T, axis=1) / np.maximum(smax * dn, tiny)
+        else:
+            eq = np.zeros(d.shape[0])
+        if self.G.shape[0]:
+            scale = np.abs(self.h)[None, :] + np.linalg.norm(self.G, axis=1)[None, :] * dn[:, None]
+            viol = ((d @ self.G.T - self.h[None, :]) / np.maximum(scale, tiny)).max(axis=1)
+        else:
+            viol = np.full(d.shape[0], -np.inf)
+        eq[dn == 0] = 0.0
+        return eq, viol
+
+    def contains(self, delta: torch.Tensor, *, rtol: float | None = None) -> torch.Tensor:
+        """Per sample of ``delta`` ``(B, *input_shape)``: are the piece's constraints satisfied to
+        ``rtol`` (default the network's, 1e-9; at least 10 eps of ``delta``'s dtype)?"""
+        d = self._flat(delta)
+        tol = self._tol(delta, rtol)
+        eq, viol = self._residuals(d)
+        return torch.as_tensor((eq <= tol) & (viol <= tol))
+
+    def certify(self, delta: torch.Tensor, *, rtol: float | None = None) -> Certificate:
+        """The constraints checked (as ``contains``) and the float64 model run on ``x + delta``."""
+        d = self._flat(delta)
+        tol = self._tol(delta, rtol)
+        eq, viol = self._residuals(d)
+        x = self.x.unsqueeze(0)
+        base_l, base_o = self.network.outputs(x, self.index)
+        pert_l, pert_o = self.network.outputs(x + torch.as_tensor(d).reshape(-1, *self.input_shape), self.index)
+
+        def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            diff = (a - b).reshape(a.shape[0], -1).norm(dim=1)
+            return diff / b.reshape(b.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+
+        out = rel(pert_o, base_o)
+        return Certificate(torch.as_tensor(eq), torch.as_tensor(viol), torch.as_tensor((eq <= tol) & (viol <= tol)),
+                           rel(pert_l, base_l), out, out <= OUTPUT_RTOL)
+
+    # -- extent and sampling -------------------------------------------------------------
+    def extent(self, direction: torch.Tensor, *, rtol: float | None = None) -> float:
+        """The largest ``t >= 0`` with ``x + t * direction`` in the piece (``inf``: unbounded;
+        ``0``: ``direction`` leaves the affine hull), by an LP (SciPy ``linprog``, HiGHS)."""
+        if not isinstance(direction, torch.Tensor):
+            raise InputError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
+        d = self._flat(direction.unsqueeze(0))
+        if not np.any(d):
+            raise InputError("direction must be non-zero")
+        eq, _ = self._residuals(d)
+        if eq[0] > self._tol(direction, rtol):
+            return 0.0
+        gd = self.G @ d[0]
+        # A row with |G_i d| at round-off level is one whose hyperplane contains d (in exact
+        # arithmetic G_i d = 0, e.g. G_i in the row space of E): it never stops the step.
+        tol = self._tol(direction, rtol)
+        rows = gd > tol * np.linalg.norm(self.G, axis=1) * np.linalg.norm(d[0])
+        if not np.any(rows):
+            return math.inf
+        res = scipy.optimize.linprog([-1.0], A_ub=gd[rows, None], b_ub=self.h[rows], bounds=[(0, None)],
+                                     method="highs")
+        if res.status == 3:
+            return math.inf
+        if res.status != 0:
+            raise VerificationError(f"the extent LP failed: {res.message}")
+        return float(res.x[0])
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, scale: float | None = None) -> torch.Tensor:
+        """``n`` members: a random unit direction ``d`` in the affine hull, times ``u * t_max(d)``
+        with ``u ~ U(0, 1)`` and ``t_max`` the largest step that stays in the piece (the ratio
+        test on ``G d``); along directions where the piece is unbounded, ``scale * |N(0, 1)|``
+        (default ``scale``: ``||x||``, or 1 for ``x = 0``). Returned in the sample's dtype."""
+        check_count(n)
+        if scale is None:
+            scale = float(self.x.norm()) or 1.0
+        else:
+            scale = check_scale(scale)
+        gen = default_generator(generator)
+        if self.dim == 0:
+            return torch.zeros(n, *self.input_shape, dtype=self.dtype)
+        basis = self._hull[1]
+        coef = torch.randn(n, basis.shape[1], generator=gen, dtype=torch.float64).numpy()
+        d = coef @ basis.T
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        gd = d @ self.G.T  # (n, q)
+        # As in extent(): |G_i d| at round-off level means d lies in that row's hyperplane.
+        stops = gd > _PARALLEL * np.linalg.norm(self.G, axis=1)[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(stops, self.h[None, :] / gd, np.inf)
+        tmax = ratio.min(axis=1) if ratio.shape[1] else np.full(n, np.inf)
+        u = torch.rand(n, generator=gen, dtype=torch.float64).numpy()
+        far = torch.randn(n, generator=gen, dtype=torch.float64).abs().numpy() * scale
+        t = np.where(np.isfinite(tmax), u * np.where(np.isfinite(tmax), tmax, 0.0), far)
+        return torch.as_tensor(d * t[:, None]).reshape(n, *self.input_shape).to(self.dtype)
+
+
+def harmless_set(model: nn.Module, x: torch.Tensor, layer: str | int | None = None) -> list[HarmlessPiece]:
+    """Per sample of ``x`` ``(B, *input_shape)``: the exact convex piece of the harmless input set
+    at ``layer`` (a module name or index; default the network's output) that contains 0.
+
+    A shortcut for ``ReluNetwork(model, x.shape[1:]).pieces(x, layer)``; build the
+    :class:`ReluNetwork` once when analysing many batches."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise InputError("x must be a batch of samples, a tensor of shape (B, *input_shape)")
+    batch = check_batch(x, tuple(x.shape[1:]), "x")
+    return ReluNetwork(model, tuple(batch.shape[1:])).pieces(batch, layer)
