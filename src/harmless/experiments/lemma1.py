@@ -1,0 +1,180 @@
+"""Lemma 1 measured: the dimension of the exact convex piece of P^(l) at every layer of MLP-5
+(MNIST, Fashion-MNIST), per test image, and what the piece at the output adds to H^(0).
+
+Run it with ``.venv/bin/python -c "from harmless.experiments.lemma1 import run; run('results')"``
+(``quick=True``: 100 images per data set instead of 1,000). Writes ``lemma1.md`` and
+``lemma1.png`` into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import harmless
+from harmless.nonlinear import ReluNetwork
+
+SPECS = ("mlp5:mnist", "mlp5:fashion-mnist")
+COMMAND = ".venv/bin/python -c \"from harmless.experiments.lemma1 import run; run('results')\""
+
+
+@dataclass
+class ModelResult:
+    """Per layer, the piece's dimension on every image; and the output piece's samples."""
+
+    spec: str
+    layers: list[str]
+    kinds: list[str]
+    dims: np.ndarray  # (images, layers)
+    h0_dim: int
+    n: int
+    checksum: str | None
+    accuracy: float | None
+    extents: list[float] = field(default_factory=list)  # ||t_max d|| / ||x||, output piece
+    outside_h0: list[float] = field(default_factory=list)  # ||delta - P0 delta|| / ||delta|| of samples
+    output_change: list[float] = field(default_factory=list)  # relative change of the float64 logits
+    seconds: float = 0.0
+
+
+def measure(spec: str, images: int, *, samples: int = 4, seed: int = 0) -> ModelResult:
+    """The piece at every layer for the first ``images`` test images of the spec's data set."""
+    from harmless.data import as_tensors, load_dataset
+    from harmless.models import DATASETS, get_model, parse_spec
+
+    start = time.perf_counter()
+    ms = parse_spec(spec)
+    tm = get_model(spec)
+    model = tm.model.double().eval()
+    shape = tuple(DATASETS[ms.dataset].in_shape)
+    x, _ = as_tensors(load_dataset(ms.dataset, "test"), torch.float64)
+    x = x[:images]
+    net = ReluNetwork(model, shape)
+    h0 = harmless.harmless_subspace(model, shape)
+    gen = torch.Generator().manual_seed(seed)
+    dims = np.zeros((len(x), len(net.steps)), dtype=np.int64)
+    result = ModelResult(spec, net.layer_names, [s.kind for s in net.steps], dims, h0.dim, net.n,
+                         tm.meta.get("weights_sha256") if tm.meta else None, tm.test_accuracy)
+    for i, sample in enumerate(x):
+        pieces = net.all_pieces(sample)
+        dims[i] = [p.dim for p in pieces]
+        out = pieces[-1]
+        delta = out.sample(samples, generator=gen)
+        cert = out.certify(delta)
+        result.output_change.extend(cert.output_change.tolist())
+        harmful = delta - h0.project(delta)
+        result.outside_h0.extend((harmful.reshape(samples, -1).norm(dim=1)
+                                  / delta.reshape(samples, -1).norm(dim=1)).tolist())
+        d = out.basis()
+        direction = (torch.randn(d.shape[0], generator=gen, dtype=torch.float64) @ d.reshape(d.shape[0], -1))
+        direction = direction / direction.norm()
+        t = out.extent(direction.reshape(shape))
+        result.extents.append(t / float(sample.norm()))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _table(r: ModelResult) -> str:
+    lines = ["| l (paper) | layer | kind | mean dim | min | max |", "|---|---|---|---:|---:|---:|"]
+    first = r.kinds.index("affine") if "affine" in r.kinds else 0
+    for j, (name, kind) in enumerate(zip(r.layers, r.kinds)):
+        col = r.dims[:, j]
+        # The paper's P^(l): the output of its (l+1)-th layer unchanged; the linear prefix up to
+        # fc1 is its first layer, so fc1 is l = 0 and every later module adds one.
+        fc1 = r.layers.index("fc1") if "fc1" in r.layers else first
+        paper = str(j - fc1) if j >= fc1 else "-"
+        lines.append(f"| {paper} | {name} | {kind} | {col.mean():.1f} | {col.min()} | {col.max()} |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(results: list[ModelResult], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harmless.plotting import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        fc1 = r.layers.index("fc1")
+        xs = np.arange(len(r.layers) - fc1)
+        col = r.dims[:, fc1:]
+        line, = ax.plot(xs, col.mean(axis=0), marker="o", label=f"{r.spec} (mean over {len(r.dims)} images)")
+        ax.fill_between(xs, col.min(axis=0), col.max(axis=0), color=line.get_color(), alpha=0.2)
+        ax.set_xticks(xs, r.layers[fc1:], rotation=45)
+    ax.axhline(results[0].n, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("layer L (its output unchanged); fc1 = the paper's l = 0")
+    ax.set_ylabel("dim of the exact convex piece of P")
+    ax.set_title("Lemma 1: harmless input sets grow with depth (band: min-max over images)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def _fmt(values: list[float]) -> str:
+    a = np.asarray(values)
+    return f"median {np.median(a):.3g}, min {a.min():.3g}, max {a.max():.3g}"
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """One BLAS thread while measuring: the matrices are small (at most 1,024 x 784) and on a
+    busy machine extra BLAS threads make each SVD up to 100 times slower, not faster."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not a dependency of harmless; without it the run is only slower
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
+    """Measure both models and write ``lemma1.md`` and ``lemma1.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = 100 if quick else 1000
+    start = time.perf_counter()
+    with _one_blas_thread():
+        results = [measure(spec, images) for spec in SPECS]
+    png = _figure(results, out / "lemma1.png")
+    text = ["# Lemma 1: harmless input sets beyond the linear prefix (MLP-5)\n",
+            "For each test image x and each layer L of MLP-5, the **exact convex piece** of the harmless input "
+            "set that contains δ = 0: the input perturbations that keep every ReLU's sign pattern before L and "
+            "leave L's output unchanged (`harmless.nonlinear.ReluNetwork(model, shape).all_pieces(x)`). Its "
+            "dimension is that of its affine hull, n − rank of the equality constraints (SciPy SVD, threshold "
+            "max(shape)·eps·σ_max). Exact: the piece. Not computed: the other pieces of the union over activation "
+            "regions (flipping a unit may also leave the output unchanged), so these dimensions are those of one "
+            "piece, not of the whole set P.\n"]
+    for r in results:
+        text.append(f"\n## {r.spec}\n")
+        acc = f"{100 * r.accuracy:.2f}%" if r.accuracy is not None else "unknown"
+        text.append(f"Images: the first {len(r.dims)} test images (indices 0–{len(r.dims) - 1}). Checkpoint "
+                    f"weights SHA-256: `{r.checksum}`; test accuracy {acc}. n = {r.n}; "
+                    f"H^(0) (the linear prefix's nullspace, `harmless.harmless_subspace`): dim {r.h0_dim}. "
+                    f"Measured in {r.seconds:.0f} s.\n\n")
+        text.append(_table(r))
+        text.append(f"\nAt the output (the last row), per image: {samples_line(r)}\n")
+    text.append(f"\nFigure: `{png.name}` (mean dimension per layer, band min–max over images).\n")
+    text.append(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} "
+                f"{platform.release()}; torch {torch.__version__}, Python {platform.python_version()}. "
+                f"Total {time.perf_counter() - start:.0f} s.\n\nCommand: `{COMMAND}`"
+                f"{' (quick=True)' if quick else ''}\n")
+    md = out / "lemma1.md"
+    from harmless.cache import atomic_write_text
+
+    atomic_write_text(md, "".join(text))
+    return [md, png]
+
+
+def samples_line(r: ModelResult) -> str:
+    k = len(r.output_change) // max(1, len(r.dims))
+    return (f"{k} sampled δ (random directions in the piece's affine hull, a uniform fraction of the way to its "
+            f"boundary): largest relative change of the float64 logits {max(r.output_change):.2e}; their part "
+            f"outside H^(0), ‖δ − P₀δ‖/‖δ‖: {_fmt(r.outside_h0)}. Extent (largest step inside the piece along one "
+            f"random hull direction, HiGHS LP), as a multiple of ‖x‖: {_fmt([e for e in r.extents if math.isfinite(e)])}"
+            f" ({sum(not math.isfinite(e) for e in r.extents)} unbounded); H^(0) itself is unbounded.")
