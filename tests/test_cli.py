@@ -314,7 +314,8 @@ def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFi
     assert "harmless dim 720" in out and fp.exists()
     code, out, _ = run(capsys, "fingerprint", "verify", str(fp), "fpmodels:model_a", *common)
     assert code == 0 and out.startswith("SAME")
-    code, out, _ = run(capsys, "fingerprint", "verify", str(fp), "fpmodels:model_b", *common)
+    # The input shape is stored in the fingerprint: verify needs no --input-shape.
+    code, out, _ = run(capsys, "fingerprint", "verify", str(fp), "fpmodels:model_b")
     assert code == 1 and out.startswith("DIFFERENT")
     before = fp.read_bytes()
     code, _, err = run(capsys, "fingerprint", "create", "fpmodels:model_a", "--out", str(fp),

@@ -186,7 +186,9 @@ def cmd_fingerprint_verify(args: argparse.Namespace) -> int:
     from harmless.fingerprint import load_fingerprint, verify_fingerprint
 
     fp = load_fingerprint(args.fingerprint)
-    suspect, shape = resolve_model(args.suspect, weights=args.weights, input_shape=args.input_shape,
+    # The fingerprint stores its input shape: --input-shape is only needed to override it.
+    stored = ",".join(map(str, fp.input_shape))
+    suspect, shape = resolve_model(args.suspect, weights=args.weights, input_shape=args.input_shape or stored,
                                    data_dir=args.data_dir)
     if tuple(shape) != tuple(fp.input_shape):
         raise InputError(f"the suspect takes inputs {tuple(shape)}, the fingerprint {fp.input_shape}")
@@ -260,7 +262,7 @@ def _add_fingerprint_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("suspect", metavar="SUSPECT", help="zoo spec, TorchScript file or package.module:factory")
     v.add_argument("--threshold", type=float, help="decision threshold (default: the fingerprint's)")
     v.add_argument("--weights", help="state-dict file for SUSPECT")
-    v.add_argument("--input-shape", help="C,H,W for models outside the zoo")
+    v.add_argument("--input-shape", help="C,H,W (default: the shape stored in the fingerprint)")
     v.add_argument("--data-dir", help="user-supplied dataset folder")
     _add_no_train(v)
     v.set_defaults(func=cmd_fingerprint_verify)

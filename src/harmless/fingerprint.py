@@ -39,6 +39,7 @@ whose first layer is lightly fine-tuned is reported "different".
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -82,7 +83,13 @@ __all__ = [
 ]
 
 FORMAT = "harmless-fingerprint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`load_fingerprint` reads (1: one magnitude-proportional threshold, no
+#: round-off calibration; 2: thresholds calibrated per precision, gains for the deviation estimate).
+READABLE_VERSIONS = (1, 2)
+#: A suspect is "same" when its statistic is at most this many times the fingerprinted model's
+#: own round-off in the precision the suspect is queried in (measured when the fingerprint is made).
+CALIBRATION_MARGIN = 10.0
 #: Default ``||delta|| / max_j ||x_j||``: large enough that a model whose first layer does not
 #: annihilate ``delta`` changes its output by far more than its own output norm.
 DEFAULT_MAGNITUDE_RATIO = 100.0
@@ -134,6 +141,25 @@ class Fingerprint:
     dtype: str = "float64"
     version: int = FORMAT_VERSION
     description: str = ""
+    #: The fingerprinted model's own statistic when queried in each precision (its round-off).
+    roundoff: dict[str, float] = field(default_factory=dict)
+    #: The decision threshold for a suspect queried in each precision.
+    thresholds: dict[str, float] = field(default_factory=dict)
+    #: Per probe, ``||f(x + h) - f(x)|| / ||A h||`` for small harmful ``h``: how strongly the
+    #: layers after the linear prefix pass a change of its output on (the deviation estimate).
+    gains: list[float] = field(default_factory=list)
+    #: ``||A||`` of the fingerprinted model's linear prefix.
+    operator_norm: float = 0.0
+
+    def threshold_for(self, dtype: torch.dtype) -> float:
+        """The threshold for a suspect queried in ``dtype`` (version 1 files: the one threshold)."""
+        if not self.thresholds:
+            return self.threshold
+        name = str(dtype).replace("torch.", "")
+        if name not in self.thresholds:
+            raise InputError(f"the fingerprint has no threshold calibrated for {name} queries (only "
+                             f"{', '.join(sorted(self.thresholds))}); pass threshold= explicitly")
+        return self.thresholds[name]
 
     @property
     def k(self) -> int:
@@ -163,7 +189,12 @@ class Fingerprint:
             "harmful_residual": float(self.harmful_residual),
             "threshold": float(self.threshold),
             "description": self.description,
-        }
+        } | ({} if self.version < 2 else {
+            "roundoff": {k: float(v) for k, v in sorted(self.roundoff.items())},
+            "thresholds": {k: float(v) for k, v in sorted(self.thresholds.items())},
+            "gains": [float(g) for g in self.gains],
+            "operator_norm": float(self.operator_norm),
+        })
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors, contiguous float64 on the CPU."""
@@ -195,6 +226,9 @@ class Verdict:
 
     ``statistic`` is the largest relative output change ``||f(x+delta) - f(x)|| / ||f(x)||``
     over probes and perturbations; ``same`` is ``statistic <= threshold``.
+    ``first_layer_deviation`` estimates ``max_i ||(A' - A) delta_i|| / (||A|| ||delta_i||)``, how far
+    the suspect's linear prefix ``A'`` is from the fingerprinted ``A`` along the fingerprint's
+    directions (from the stored gains; ``None`` for version-1 fingerprints).
     ``reference_deviation`` (secondary, not used for the decision) is the largest relative
     difference between the suspect's outputs on the probes and the stored reference outputs.
     ``per_perturbation`` holds the largest relative change for each perturbation.
@@ -208,6 +242,8 @@ class Verdict:
     reference_deviation: float
     per_perturbation: list[float]
     hash_match: bool | None = None
+    first_layer_deviation: float | None = None
+    dtype: str = "float32"
 
     def __bool__(self) -> bool:
         return self.same
@@ -435,9 +471,11 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
     and ``exclusion_margins`` the smallest ``||Bi delta|| / (||Bi|| ||delta||)`` per model
     (draws with a margin below 1e-10 are redrawn; an exact-zero margin has probability 0).
 
-    ``threshold`` defaults to ``THRESHOLD_PER_RATIO * magnitude / max_j ||x_j||`` (1e-2 at the
-    default magnitude): float32 round-off and the response of a different model both grow in
-    proportion to ``||delta||`` (see :func:`verify_fingerprint`).
+    Calibration: the model itself is queried in float64 and in float32; its largest statistic
+    in each precision is its round-off (``roundoff``), and the threshold for a suspect queried
+    in that precision is ``CALIBRATION_MARGIN`` (10) times it (``thresholds``). An explicit
+    ``threshold`` is used for every precision instead. ``gains`` (per probe) let
+    :func:`verify_fingerprint` estimate how far a suspect's first layer is from the model's.
 
     Raises :class:`~harmless.errors.NoHarmlessSubspaceError` when the model's linear prefix is
     injective (e.g. LeNet's padded convolution), and :class:`FingerprintError` when nothing of
@@ -457,10 +495,8 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
     if isinstance(magnitude, bool) or not (isinstance(magnitude, (int, float)) and math.isfinite(magnitude)
                                            and magnitude > 0):
         raise InputError(f"magnitude must be a positive finite number, got {magnitude!r}")
-    if threshold is None:
-        ratio = magnitude / probe_norm if probe_norm > 0 else DEFAULT_MAGNITUDE_RATIO
-        threshold = THRESHOLD_PER_RATIO * ratio
-    if not (math.isfinite(threshold) and threshold > 0):
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not (math.isfinite(threshold) and threshold > 0)):
         raise InputError(f"threshold must be a positive finite number, got {threshold!r}")
     exclude = list(exclude)
     for other in exclude:
@@ -469,6 +505,7 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
 
     margins: list[float] = []
+    space = harmless_subspace(model, shape, dtype=torch.float64, dense_limit=dense_limit)
     if exclude:
         basis, dims, excluded_dim, na, a, mats = _exclusion(model, exclude, shape, exclude_mode, dense_limit)
         harmless_dim = int(na.shape[0])
@@ -495,7 +532,6 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
         residual = float((torch.from_numpy(a) @ delta.T).norm(dim=0).max())
         delta = (delta * magnitude).reshape(k, *shape).contiguous()
     else:
-        space = harmless_subspace(model, shape, dtype=torch.float64, dense_limit=dense_limit)
         if space.dim == 0:
             raise NoHarmlessSubspaceError(_injective_message(space))
         dims, excluded_dim, harmless_dim = [], 0, space.dim
@@ -504,20 +540,52 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
         residual = float(space.harmful_residual(delta).max())
 
     model64 = _float64_copy(model)
-    ref = _query(model64, probes64, torch.float64, torch.device("cpu"), 256)
-    pert = _query(model64, (probes64.unsqueeze(0) + delta.unsqueeze(1)).reshape(-1, *shape),
-                  torch.float64, torch.device("cpu"), 256).reshape(k, probes64.shape[0], *ref.shape[1:])
+    cpu = torch.device("cpu")
+    perturbed_inputs = (probes64.unsqueeze(0) + delta.unsqueeze(1)).reshape(-1, *shape)
+    ref = _query(model64, probes64, torch.float64, cpu, 256)
+    pert = _query(model64, perturbed_inputs, torch.float64, cpu, 256).reshape(k, probes64.shape[0], *ref.shape[1:])
+    # The model's own statistic in each precision is its round-off: the calibration.
+    model32 = copy.deepcopy(model64).to(torch.float32)
+    clean32 = _query(model32, probes64, torch.float32, cpu, 256)
+    pert32 = _query(model32, perturbed_inputs, torch.float32, cpu, 256).reshape(pert.shape)
+    roundoff = {"float64": float(fingerprint_statistic(ref, pert).max()),
+                "float32": float(fingerprint_statistic(clean32, pert32).max())}
+    if threshold is None:
+        # A floor of 10 ulps: a model whose statistic is exactly 0 still tolerates round-off.
+        thresholds = {name: CALIBRATION_MARGIN * max(value, 10 * torch.finfo(getattr(torch, name)).eps)
+                      for name, value in roundoff.items()}
+    else:
+        thresholds = {name: float(threshold) for name in roundoff}
     return Fingerprint(probes=probes64, perturbations=delta, reference_outputs=ref, perturbed_outputs=pert,
                        input_shape=shape, model_hash=model_hash(model), magnitude=float(magnitude),
                        harmless_dim=int(harmless_dim), intersection_dims=dims, excluded_dim=excluded_dim,
                        exclusion_margins=margins, harmful_residual=residual,
-                       threshold=float(threshold), description=description)
+                       threshold=thresholds["float32"], description=description, roundoff=roundoff,
+                       thresholds=thresholds, gains=_gains(model64, space, probes64, gen),
+                       operator_norm=float(space.operator_norm))
+
+
+@torch.no_grad()
+def _gains(model64: nn.Module, space: HarmlessSubspace, probes64: torch.Tensor, gen: torch.Generator,
+           draws: int = 4) -> list[float]:
+    """Per probe, the median over ``draws`` random harmful directions ``h`` (in the row space of
+    A, small: ``||h|| = 1e-3 ||x||``) of ``||f(x + h) - f(x)|| / ||A h||``."""
+    shape = tuple(probes64.shape[1:])
+    out = []
+    for x in probes64:
+        r = torch.randn(draws, *shape, generator=gen, dtype=torch.float64)
+        _, h = space.decompose(r)
+        h = h / h.reshape(draws, -1).norm(dim=1).view(-1, *[1] * len(shape))
+        h = h * (1e-3 * max(float(x.norm()), 1e-12))
+        f0 = model64(x.unsqueeze(0)).reshape(1, -1)
+        fh = model64(x.unsqueeze(0) + h).reshape(draws, -1)
+        ah = space.operator.matvec(h).reshape(draws, -1).norm(dim=1)
+        out.append(float(((fh - f0).norm(dim=1) / ah).median()))
+    return out
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
     """A float64 CPU copy in eval mode (the model itself is left as it was)."""
-    import copy
-
     return copy.deepcopy(model).to("cpu", torch.float64).eval()
 
 
@@ -597,6 +665,12 @@ def _validate(header: dict[str, object], tensors: dict[str, torch.Tensor]) -> No
     if tuple(probes.shape) != (p, *shape):
         raise FingerprintError(f"inconsistent shapes: probes are {tuple(probes.shape)}, expected "
                                f"(p, *input_shape) = {(p, *shape)}")
+    if int(header.get("version", 1)) >= 2:  # type: ignore[call-overload]
+        gains, thresholds = header.get("gains"), header.get("thresholds")
+        if not isinstance(gains, list) or len(gains) != p or not isinstance(thresholds, dict) or not thresholds \
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in thresholds.values()):
+            raise FingerprintError("fingerprint header: gains must hold one value per probe and thresholds "
+                                   "positive numbers")
     if ref.ndim < 1 or ref.shape[0] != p or tuple(out.shape) != (k, p, *ref.shape[1:]):
         raise FingerprintError(f"inconsistent shapes: reference outputs {tuple(ref.shape)} and perturbed outputs "
                                f"{tuple(out.shape)} do not match k = {k}, p = {p}")
@@ -624,9 +698,9 @@ def load_fingerprint(path: str | Path) -> Fingerprint:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise FingerprintError(f"{path} is not a harmless fingerprint (format {header.get('format')!r})"
                                if isinstance(header, dict) else f"{path}: malformed fingerprint header")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise FingerprintError(f"{path}: unsupported fingerprint format version {header.get('version')!r} "
-                               f"(this harmless reads version {FORMAT_VERSION})")
+                               f"(this harmless reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     try:
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
@@ -656,7 +730,11 @@ def load_fingerprint(path: str | Path) -> Fingerprint:
             exclusion_margins=[float(v) for v in header.get("exclusion_margins", [])],
             harmful_residual=float(header.get("harmful_residual", 0.0)), threshold=float(header["threshold"]),
             dtype=str(header.get("dtype", "float64")), version=int(header["version"]),
-            description=str(header.get("description", "")))
+            description=str(header.get("description", "")),
+            roundoff={str(k): float(v) for k, v in dict(header.get("roundoff", {})).items()},
+            thresholds={str(k): float(v) for k, v in dict(header.get("thresholds", {})).items()},
+            gains=[float(g) for g in header.get("gains", [])],
+            operator_norm=float(header.get("operator_norm", 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise FingerprintError(f"{path}: malformed fingerprint header ({exc})") from exc
 
@@ -686,18 +764,17 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
     ``max_ij ||f(x_j + delta_i) - f(x_j)|| / ||f(x_j)||``; the verdict is "same" when it is
     at most ``threshold`` (default: the fingerprint's own, 1e-2 at the default magnitude).
 
-    Calibration (``||delta|| = 100 max_j ||x_j||``, the default; measured by
-    ``harmless reproduce fig5``, see ``results/fig5.md``): for the true MLP-5/MNIST model in
-    float32 the statistic is float32 round-off of ``x + delta`` and of the first layer's
-    product, ~``eps32 * ||delta|| * gain / ||f(x)||``: over 20 random fingerprints x 8
-    perturbations x 4 probes its maximum was 2.6e-5 (float64: 4e-13). A model whose first
-    layer does not annihilate ``delta`` changes its output by ~``||A' delta|| * gain``, more
-    than ``||f(x)||``: independent models (other seed, other data, other width) gave >= 20,
-    the mildest derived model (fine-tuned 1 epoch at lr 1e-4) >= 1.0. The threshold 1e-2
-    sits ~400x above the worst same-model value and ~100x below the smallest
-    different-first-layer value (FAR = FRR = 0 on those trials). Both sides scale linearly
-    with ``||delta||``, so :func:`create_fingerprint` sets ``threshold = 1e-4 * ||delta|| /
-    max_j ||x_j||`` and stores it in the fingerprint.
+    Calibration (version 2 fingerprints): the threshold for a suspect queried in ``dtype``
+    is ``CALIBRATION_MARGIN`` (10) times the statistic of the fingerprinted model itself in
+    that precision, measured when the fingerprint was made (``fp.roundoff``; MLP-5/MNIST at
+    the default magnitude: about 2e-5 in float32, 3e-13 in float64, see
+    ``results/fig5.md``). "Same" therefore means: the suspect's linear prefix moves the
+    fingerprint no more than ten times the model's own round-off does, i.e. it agrees with
+    the model's along the fingerprint's directions to within about ``first_layer_deviation``
+    ~ 1e-6 (float32) relative; a one-step fine-tune of the first layer is "different".
+    Queries in other precisions (float16, bfloat16) or with reduced-precision kernels (TF32
+    on a GPU) have no calibration: pass ``threshold=``. Version 1 fingerprints keep their one
+    stored threshold.
 
     "Same" certifies the suspect's first linear layer has (up to round-off) the same
     nullspace, not that its weights are equal: see the module docstring. The secondary
@@ -708,8 +785,8 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
         raise InputError(f"fp must be a Fingerprint, got {type(fp).__name__}")
     if not callable(suspect):
         raise InputError(f"suspect must be a torch.nn.Module or a callable, got {type(suspect).__name__}")
-    thr = fp.threshold if threshold is None else float(threshold)
-    if not (math.isfinite(thr) and thr > 0):
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not (math.isfinite(threshold) and threshold > 0)):
         raise InputError(f"threshold must be a positive finite number, got {threshold!r}")
     if isinstance(suspect, nn.Module):
         dtype0, device0 = _model_dtype_device(suspect)
@@ -718,6 +795,7 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
     else:
         dtype0, device0, was_training = torch.float32, torch.device("cpu"), False
     dtype = input_dtype if input_dtype is not None else dtype0
+    thr = fp.threshold_for(dtype) if threshold is None else float(threshold)
     dev = torch.device(device) if device is not None else device0
     k, p = fp.k, fp.num_probes
     x = fp.probes.to(torch.float64)
@@ -741,6 +819,14 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
     rel = torch.where(torch.isfinite(rel), rel, torch.full_like(rel, math.inf))
     stat = float(rel.max())
     per = [float(v) for v in rel.max(dim=1).values]
+    deviation = None
+    if fp.gains and fp.operator_norm > 0:
+        # ||f'(x + d) - f'(x)|| ~ gain * ||A' d|| = gain * ||(A' - A) d||: solved for the deviation.
+        diff = (pert - clean.unsqueeze(0)).reshape(k, p, -1).norm(dim=2)
+        scale = torch.tensor(fp.gains, dtype=torch.float64).unsqueeze(0) * fp.operator_norm * \
+            fp.perturbations.reshape(k, -1).norm(dim=1).unsqueeze(1)
+        est = diff / scale.clamp_min(torch.finfo(torch.float64).tiny)
+        deviation = float(torch.where(torch.isfinite(est), est, torch.full_like(est, math.inf)).max())
     if tuple(clean.shape[1:]) == tuple(fp.reference_outputs.shape[1:]):
         ref = fp.reference_outputs
         ref_dev = float(((clean - ref).reshape(p, -1).norm(dim=1)
@@ -756,8 +842,11 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
     same = stat <= thr
     msg = (f"{'SAME' if same else 'DIFFERENT'}: largest relative output change under the {k} fingerprint "
            f"perturbations is {stat:.3g} ({'<=' if same else '>'} threshold {thr:.3g}); outputs on the probes "
-           f"differ from the reference by {ref_dev:.3g} (relative)")
+           f"differ from the reference by {ref_dev:.3g} (relative)"
+           + (f"; estimated first-layer deviation along the fingerprint {deviation:.2g} (relative)"
+              if deviation is not None else ""))
     if same:
         msg += ". 'Same' means the suspect's first linear layer has the fingerprinted model's nullspace"
     return Verdict(statistic=stat, threshold=thr, same=same, message=msg, reference_deviation=ref_dev,
-                   per_perturbation=per, hash_match=hash_match)
+                   per_perturbation=per, hash_match=hash_match, first_layer_deviation=deviation,
+                   dtype=str(dtype).replace("torch.", ""))
