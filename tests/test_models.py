@@ -352,6 +352,12 @@ def test_train_zoo_model_saves_and_get_model_reuses(mnist_dir):
     assert _state_equal(got.model, trained.model)
     row = next(r for r in list_zoo() if r.spec == "mlp5:mnist")
     assert row.cached and row.test_accuracy == trained.test_accuracy
+    # Results name the checkpoint they were made with (issue 11, item 2): the file's SHA-256.
+    from harmless.cache import sha256_file
+
+    digest = sha256_file(trained.checkpoint)
+    assert trained.weights_sha256 == got.weights_sha256 == digest
+    assert f"checkpoint sha256 {digest[:12]}" in got.weights_note == trained.weights_note
 
 
 def test_cifar_without_data_is_random_init():

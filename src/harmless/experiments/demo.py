@@ -46,7 +46,8 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     print(f"data: MNIST test set, {len(test)} images {'x'.join(map(str, test.shape))}, values in [0, 1]")
     tm = get_model(SPEC)
     origin = "reused from cache" if tm.from_cache else f"trained now in {tm.train_seconds:.0f} s"
-    print(f"model: {SPEC} (MLP-5), {origin}; test accuracy {100 * tm.test_accuracy:.2f}%")
+    print(f"model: {SPEC} (MLP-5), {origin}; test accuracy {100 * tm.test_accuracy:.2f}%"
+          + (f"; checkpoint sha256 {tm.weights_sha256[:12]}" if tm.weights_sha256 else ""))
 
     model = tm.model.double().eval()
     shape = test.shape
@@ -110,7 +111,8 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     fashion = load_dataset("fashion-mnist", "test")
     ftm = get_model(PRIVACY_SPEC)
     origin = "reused from cache" if ftm.from_cache else f"trained now in {ftm.train_seconds:.0f} s"
-    print(f"\nprivacy model: {PRIVACY_SPEC} (MLP-5), {origin}; test accuracy {100 * ftm.test_accuracy:.2f}%")
+    print(f"\nprivacy model: {PRIVACY_SPEC} (MLP-5), {origin}; test accuracy {100 * ftm.test_accuracy:.2f}%"
+          + (f"; checkpoint sha256 {ftm.weights_sha256[:12]}" if ftm.weights_sha256 else ""))
     fmodel = ftm.model.double().eval()
     fx, _ = as_tensors(fashion, torch.float64)
     cases = [PrivacyCase("Fashion-MNIST", fmodel, harmless_subspace(fmodel, fashion.shape), fx[:n_images],

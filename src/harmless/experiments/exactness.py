@@ -47,6 +47,7 @@ class Subject:
     dim: int
     n: int
     kinds: dict[str, PerturbFn]
+    weights_sha256: str | None = None
 
 
 def load_subjects(*, quick: bool, data_dir: str | None = None, include_cifar: bool = True,
@@ -77,7 +78,8 @@ def load_subjects(*, quick: bool, data_dir: str | None = None, include_cifar: bo
         kinds["Least harmful perturbation"] = least_harmful_perturbation(model, shape, k=1)[0]
         where = "" if tm.trained else " (untrained weights)"
         subjects.append(Subject(label=f"{ms.key}{where}", model=model, x=x, y=y, trained=tm.trained,
-                                test_accuracy=tm.test_accuracy, dim=space.dim, n=space.ambient_dim, kinds=kinds))
+                                test_accuracy=tm.test_accuracy, dim=space.dim, n=space.ambient_dim, kinds=kinds,
+                                weights_sha256=tm.weights_sha256))
     return subjects
 
 
@@ -130,6 +132,7 @@ def run_table1(out_dir: Path, *, quick: bool = False, data_dir: str | None = Non
     desc = "\n".join(f"- {s.label}: {s.x.shape[0]} test images, harmless dim {s.dim} of {s.n}, "
                      f"clean logits RMS {_rms(batched_outputs(s.model, s.x)):.3g}"
                      + (f", test accuracy {100 * s.test_accuracy:.2f}%" if s.test_accuracy is not None else "")
+                     + (f", checkpoint sha256 {s.weights_sha256[:12]}" if s.weights_sha256 else "")
                      for s in subjects)
     text = ("# Table 1: output RMSE of perturbed vs original inputs\n\n"
             f"RMSE = E_x[ ||f(x+δ) - f(x)|| / sqrt(n_out) ] on the logits; ε = {EPSILON} RMS per pixel "

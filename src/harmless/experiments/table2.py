@@ -239,8 +239,10 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[
     audit_rows: list[list[str]] = []
     figs: dict[str, dict[str, torch.Tensor]] = {}
     full_rows: list[list[str]] = []
+    notes: dict[str, str] = {}
     for name in sizes:
         model, x, y = _setting(name, data_dir)
+        notes[name] = str(getattr(model, "weights_note", "untrained weights"))
         n = sizes[name]
         if name == "imagenet-resnet50":
             tiles = tiling(model, tuple(x.shape[1:]), IMAGENET_TILE)
@@ -269,7 +271,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[
             "measure there). The last column is the QP solver's certificate: the share of images whose "
             "interior-point iterate met every KKT tolerance (1e-12, relative), and the largest certified distance "
             "sqrt(2·gap) from a returned image to the exact optimum (the image itself is always exactly feasible "
-            "and harmless).\n\n"
+            "and harmless). Weights: "
+            + "; ".join(f"{name}: {note}" for name, note in notes.items()) + ".\n\n"
             + Table(header, rows).markdown()
             + ("\nThe decoy method on the whole test sets:\n\n"
                + Table(["setting", "images", "SSIM ↓", "LPIPS ↑", "Δacc", "max box viol.", "max ‖A(x̂−x)‖",

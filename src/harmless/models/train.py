@@ -86,13 +86,29 @@ class TrainedModel:
         return self.spec.key
 
     @property
+    def weights_sha256(self) -> str | None:
+        """SHA-256 of the cached checkpoint file (``None`` when the weights were not saved):
+        results name it, because training is bitwise reproducible only on the same machine,
+        torch build and thread count, so the same spec can mean other weights elsewhere."""
+        digest = self.meta.get("weights_sha256")
+        if isinstance(digest, str):
+            return digest
+        if self.checkpoint is not None and Path(self.checkpoint).is_file():
+            from harmless.cache import sha256_file
+
+            return sha256_file(Path(self.checkpoint))
+        return None
+
+    @property
     def weights_note(self) -> str:
-        """What the weights are, for figure captions and reports."""
+        """What the weights are, for figure captions and reports (with the checkpoint's checksum)."""
         if not self.trained:
             return f"untrained weights (random init, seed {self.seed})"
+        digest = self.weights_sha256
+        sha = f", checkpoint sha256 {digest[:12]}" if digest else ""
         if self.test_accuracy is None:
-            return f"trained weights ({self.epochs} epochs)"
-        return f"trained weights, test accuracy {100 * self.test_accuracy:.2f}%"
+            return f"trained weights ({self.epochs} epochs{sha})"
+        return f"trained weights, test accuracy {100 * self.test_accuracy:.2f}%{sha}"
 
 
 # ----------------------------------------------------------------------------- determinism
