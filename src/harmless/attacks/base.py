@@ -15,9 +15,6 @@ mode (its training flags are restored afterwards). ``x`` and ``y`` are never mod
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmless.errors import InputError, TrainingModeWarning
+from harmless.errors import InputError
+from harmless.linalg.prefix import eval_mode
 
 Bounds = tuple[float, float]
 
@@ -53,24 +51,6 @@ class AttackResult:
     def success_rate(self) -> float:
         """Fraction of samples misclassified after the attack."""
         return float(self.success.double().mean()) if self.success.numel() else float("nan")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Evaluate ``model`` in eval mode (BatchNorm with running statistics, no dropout): an attack
-    on a training-mode model would attack a different, batch-dependent function. Warns as the
-    linear-algebra engine does; every module's flag is restored afterwards, even on error."""
-    flags = [m.training for m in model.modules()]
-    if any(flags):
-        warnings.warn("the model is in training mode; the attack evaluates it in eval mode (BatchNorm with "
-                      "running statistics, no dropout). Call model.eval() to silence this warning.",
-                      TrainingModeWarning, stacklevel=4)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in zip(model.modules(), flags):
-            m.train(flag)
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -225,7 +205,7 @@ class Attack:
         # Never touch the caller's tensors: every attack works on detached copies.
         x0 = x.detach().clone()
         y0 = y.detach().clone()
-        with eval_mode(model):
+        with eval_mode(model, who="the attack evaluates it", stacklevel=4):
             with torch.no_grad():
                 logits0 = model(x0)
             check_logits(logits0, y0)

@@ -290,7 +290,6 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
         far_changed = float(pooled(sames, fc1_changed).mean())
         thr_grid, tar, far_grid = _roc(pos, neg)
         _, tar_c, far_c = _roc(pos, chg, thr_grid)
-        float32_max = max(stats["A, float32"])
 
         # -- table ------------------------------------------------------------------------
         rows = []

@@ -138,13 +138,16 @@ class LinearRun:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module, *, warn: bool = True) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the duration, warning if it was training; restore after."""
+def eval_mode(model: nn.Module, *, warn: bool = True, who: str = "harmless analyses it",
+              stacklevel: int = 3) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the duration (every module's flag restored after, even on
+    error), warning if any module was training: ``who`` says who evaluates it, ``stacklevel``
+    points the warning at the caller's caller."""
     was_training = [m.training for m in model.modules()]
-    if warn and model.training:
-        warnings.warn("the model is in training mode; harmless analyses it in eval mode (BatchNorm with "
+    if warn and any(was_training):
+        warnings.warn(f"the model is in training mode; {who} in eval mode (BatchNorm with "
                       "running statistics, no dropout). Call model.eval() to silence this warning.",
-                      TrainingModeWarning, stacklevel=3)
+                      TrainingModeWarning, stacklevel=stacklevel)
     model.eval()
     try:
         yield model
