@@ -26,45 +26,6 @@ import test_real_models as patterns  # noqa: E402  (the model patterns and the o
 F64 = torch.float64
 
 
-def output_changes(model: torch.nn.Module, space: harmless.HarmlessSubspace, shape: tuple[int, ...],
-                   layer: str | None) -> tuple[float, float, float]:
-    """Largest relative change of the float64 output under harmless perturbations of relative
-    size 1 and 1e4, and the smallest under random ones of size 1 (4 probes)."""
-    m64 = copy.deepcopy(model).double().eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, *shape, generator=gen, dtype=F64)
-    d = space.sample(4, generator=gen).to(F64)
-    r = torch.randn(4, *space.input_shape, generator=gen, dtype=F64)
-    r = r / r.reshape(4, -1).norm(dim=1).view(-1, *[1] * len(space.input_shape))
-    seen: list[torch.Tensor] = []
-
-    def at_layer(delta: torch.Tensor | None):  # noqa: ANN202 - a forward pre-hook
-        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-            if delta is None:
-                seen.append(args[0].clone())  # the layer's own input: the size reference
-                return None
-            return (args[0] + delta, *args[1:])
-        return hook
-
-    def run(delta: torch.Tensor | None) -> torch.Tensor:
-        if layer is None:
-            return patterns.output_of(m64(x if delta is None else x + delta)).reshape(4, -1)
-        handle = m64.get_submodule(layer).register_forward_pre_hook(at_layer(delta))
-        try:
-            return patterns.output_of(m64(x)).reshape(4, -1)
-        finally:
-            handle.remove()
-
-    with torch.no_grad():
-        base = run(None)
-        size = (x if layer is None else seen[0]).reshape(4, -1).norm(dim=1)
-        view = (-1,) + (1,) * len(space.input_shape)
-        rel = [float(((run(d * (s * size).view(view)) - base).norm(dim=1) / base.norm(dim=1)).max())
-               for s in (1.0, 1e4)]
-        ctrl = float(((run(r * size.view(view)) - base).norm(dim=1) / base.norm(dim=1)).min())
-    return rel[0], rel[1], ctrl
-
-
 def cases() -> list[tuple[str, torch.nn.Module, tuple[int, ...], str | None, int]]:
     torch.manual_seed(0)
     stem = patterns.MobileNetStem(4, 3)
@@ -114,7 +75,7 @@ def main() -> None:
         ends = f"{run.stop_kind}" + (" (lower bound)" if space.dim_is_lower_bound else "")
         dim = f"{'≥ ' if space.dim_is_lower_bound else ''}{space.dim} ({truth})"
         if space.dim:
-            a, b, c = output_changes(model, space, shape, layer)
+            a, b, c = patterns.measure_on_model(model, space, shape, layer, n=4)
             changes = f"{a:.1e} | {b:.1e} | {c:.2f}"
         else:
             changes = "– | – | –"

@@ -54,45 +54,53 @@ def output_of(out: Any) -> torch.Tensor:
     return out
 
 
-def assert_harmless_on_model(model: nn.Module, space: harmless.HarmlessSubspace, shape: tuple[int, ...],
-                             layer: str | None = None) -> None:
-    """Perturbations from ``space`` (at 1 and 10^4 times the input's size) leave the float64
-    model's output unchanged to 1e-9 (relative); random ones of the same size change it."""
+def measure_on_model(model: nn.Module, space: harmless.HarmlessSubspace, shape: tuple[int, ...],
+                     layer: str | None = None, n: int = 3) -> tuple[float, float, float]:
+    """On ``n`` random inputs, with the float64 model: the largest relative output change under
+    perturbations from ``space`` of 1 and 10^4 times the size of the input at the analysed
+    point (the model's input, or ``layer``'s), and the smallest under random ones of size 1."""
     m64 = copy.deepcopy(model).double().eval()
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(3, *shape, generator=gen, dtype=F64)
-    d = space.sample(3, generator=gen).to(F64)
-    rand = torch.randn(3, *space.input_shape, generator=gen, dtype=F64)
-    rand = rand / rand.reshape(3, -1).norm(dim=1).view(-1, *[1] * len(space.input_shape))
+    x = torch.rand(n, *shape, generator=gen, dtype=F64)
+    d = space.sample(n, generator=gen).to(F64)
+    rand = torch.randn(n, *space.input_shape, generator=gen, dtype=F64)
+    view = (-1,) + (1,) * len(space.input_shape)
+    rand = rand / rand.reshape(n, -1).norm(dim=1).view(view)
+    seen: list[torch.Tensor] = []
+
+    def at_layer(delta: torch.Tensor | None):  # noqa: ANN202 - a forward pre-hook
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+            if delta is None:
+                seen.append(args[0].clone())  # the layer's own input: the size reference
+                return None
+            return (args[0] + delta, *args[1:])
+        return hook
 
     def run(delta: torch.Tensor | None) -> torch.Tensor:
-        if delta is None:
-            return output_of(m64(x)).reshape(3, -1)
         if layer is None:
-            return output_of(m64(x + delta)).reshape(3, -1)
-        handle = m64.get_submodule(layer).register_forward_pre_hook(lambda _m, a: (a[0] + delta, *a[1:]))
+            return output_of(m64(x if delta is None else x + delta)).reshape(n, -1)
+        handle = m64.get_submodule(layer).register_forward_pre_hook(at_layer(delta))
         try:
-            return output_of(m64(x)).reshape(3, -1)
+            return output_of(m64(x)).reshape(n, -1)
         finally:
             handle.remove()
 
     with torch.no_grad():
         base = run(None)
-        if layer is None:
-            size = x.reshape(3, -1).norm(dim=1)
-        else:
-            seen: list[torch.Tensor] = []
-            h = m64.get_submodule(layer).register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
-            m64(x)
-            h.remove()
-            size = seen[0].reshape(3, -1).norm(dim=1)
-        view = (-1,) + (1,) * len(space.input_shape)
-        for scale in (1.0, 1e4):
-            out = run(d * (scale * size).view(view))
-            rel = ((out - base).norm(dim=1) / base.norm(dim=1)).max()
-            assert rel <= 1e-9, f"a harmless perturbation of relative size {scale:g} changed the output by {rel:.1e}"
-        ctrl = run(rand * size.view(view))
-        assert ((ctrl - base).norm(dim=1) / base.norm(dim=1)).min() > 1e-3, "the control must move the output"
+        size = (x if layer is None else seen[0]).reshape(n, -1).norm(dim=1)
+        rel = [float(((run(d * (s * size).view(view)) - base).norm(dim=1) / base.norm(dim=1)).max())
+               for s in (1.0, 1e4)]
+        ctrl = float(((run(rand * size.view(view)) - base).norm(dim=1) / base.norm(dim=1)).min())
+    return rel[0], rel[1], ctrl
+
+
+def assert_harmless_on_model(model: nn.Module, space: harmless.HarmlessSubspace, shape: tuple[int, ...],
+                             layer: str | None = None) -> None:
+    """Perturbations from ``space`` (at 1 and 10^4 times the input's size) leave the float64
+    model's output unchanged to 1e-9 (relative); random ones of the same size change it."""
+    small, large, control = measure_on_model(model, space, shape, layer)
+    assert small <= 1e-9 and large <= 1e-9, f"a harmless perturbation changed the output by {small:.1e} / {large:.1e}"
+    assert control > 1e-3, "the control must move the output"
 
 
 # ---------------------------------------------------------------------------------------
