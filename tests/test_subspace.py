@@ -805,7 +805,7 @@ def test_input_shape_empty() -> None:
 
 @pytest.mark.parametrize("shape", [(0,), (-6,), (6, 0)])
 def test_input_shape_non_positive(shape) -> None:
-    with pytest.raises(InputError, match="positive ints"):
+    with pytest.raises(InputError, match="positive integers"):
         harmless.harmless_subspace(_lin_model(), shape)
 
 

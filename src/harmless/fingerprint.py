@@ -39,6 +39,7 @@ whose first layer is lightly fine-tuned is reported "different".
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -53,9 +54,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from harmless import validation
 from harmless.cache import atomic_path, require_file_path
 from harmless.errors import HarmlessError, InputError, NoHarmlessSubspaceError
 from harmless.linalg.operators import DEFAULT_DENSE_LIMIT, MatrixOperator
+from harmless.linalg.prefix import eval_mode
 from harmless.linalg.rank import dense_svd_rank, svd_rank
 from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
 
@@ -271,16 +274,6 @@ def model_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _shape_tuple(input_shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"input_shape must be a sequence of positive ints, got {input_shape!r}") from exc
-    if not shape or any(s <= 0 for s in shape):
-        raise InputError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
-    return shape
-
-
 def _check_probes(probes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(probes, torch.Tensor):
         raise InputError(f"probes must be a torch.Tensor, got {type(probes).__name__}")
@@ -314,7 +307,7 @@ def intersection_basis(models: Sequence[nn.Module], input_shape: Sequence[int], 
     """An orthonormal basis ``(d, *input_shape)`` of ``N(A1) ∩ N(A2) ∩ ...``, the perturbations
     harmless for every model at once: the nullspace of the stacked prefix matrices
     ``[A1; A2; ...]`` from one float64 SVD (each block scaled to unit norm first)."""
-    shape = _shape_tuple(input_shape)
+    shape = validation.shape(input_shape)
     if not models:
         raise InputError("intersection_basis needs at least one model")
     mats = [_prefix_matrix(harmless_subspace(m, shape, dtype=torch.float64), dense_limit) for m in models]
@@ -341,7 +334,7 @@ def exclusion_basis(model: nn.Module, exclude: Sequence[nn.Module], input_shape:
     Returns ``(basis (d, *input_shape), [dim Ii for each Bi], dim of the excluded subspace,
     dim N(A))``. Each prefix matrix is built densely (at most ``dense_limit`` entries).
     """
-    basis, dims, excluded_dim, na, _, _ = _exclusion(model, exclude, _shape_tuple(input_shape), mode, dense_limit)
+    basis, dims, excluded_dim, na, _, _ = _exclusion(model, exclude, validation.shape(input_shape), mode, dense_limit)
     return basis, dims, excluded_dim, int(na.shape[0])
 
 
@@ -393,7 +386,7 @@ def _exclusion(model: nn.Module, exclude: Sequence[nn.Module], shape: tuple[int,
 def exclusion_margin(delta: torch.Tensor, models: Sequence[nn.Module], input_shape: Sequence[int]) -> list[float]:
     """For each model B: ``min_i ||B delta_i|| / (||B|| ||delta_i||)`` over the perturbations,
     with ``B`` its linear prefix (0: some perturbation is harmless for B; ~1e-16 counts as 0)."""
-    shape = _shape_tuple(input_shape)
+    shape = validation.shape(input_shape)
     out = []
     for m in models:
         out.append(float(harmless_subspace(m, shape, dtype=torch.float64).harmful_residual(
@@ -483,21 +476,17 @@ def create_fingerprint(model: nn.Module, input_shape: Sequence[int], probes: tor
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    shape = _shape_tuple(input_shape)
+    shape = validation.shape(input_shape)
     probes64 = _check_probes(probes, shape)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k must be a positive int, got {k!r}")
+    k = validation.positive_int(k, "k")
     probe_norm = float(probes64.reshape(probes64.shape[0], -1).norm(dim=1).max())
     if magnitude is None:
         if probe_norm <= 0:
             raise InputError("the probes are all zero; pass magnitude= explicitly")
         magnitude = DEFAULT_MAGNITUDE_RATIO * probe_norm
-    if isinstance(magnitude, bool) or not (isinstance(magnitude, (int, float)) and math.isfinite(magnitude)
-                                           and magnitude > 0):
-        raise InputError(f"magnitude must be a positive finite number, got {magnitude!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not (math.isfinite(threshold) and threshold > 0)):
-        raise InputError(f"threshold must be a positive finite number, got {threshold!r}")
+    magnitude = validation.positive_number(magnitude, "magnitude")
+    if threshold is not None:
+        threshold = validation.positive_number(threshold, "threshold")
     exclude = list(exclude)
     for other in exclude:
         if not isinstance(other, nn.Module):
@@ -785,32 +774,29 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
         raise InputError(f"fp must be a Fingerprint, got {type(fp).__name__}")
     if not callable(suspect):
         raise InputError(f"suspect must be a torch.nn.Module or a callable, got {type(suspect).__name__}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not (math.isfinite(threshold) and threshold > 0)):
-        raise InputError(f"threshold must be a positive finite number, got {threshold!r}")
+    if threshold is not None:
+        threshold = validation.positive_number(threshold, "threshold")
     if isinstance(suspect, nn.Module):
         dtype0, device0 = _model_dtype_device(suspect)
-        was_training = suspect.training
-        suspect.eval()
     else:
-        dtype0, device0, was_training = torch.float32, torch.device("cpu"), False
+        dtype0, device0 = torch.float32, torch.device("cpu")
     dtype = input_dtype if input_dtype is not None else dtype0
     thr = fp.threshold_for(dtype) if threshold is None else float(threshold)
     dev = torch.device(device) if device is not None else device0
     k, p = fp.k, fp.num_probes
     x = fp.probes.to(torch.float64)
     xd = (x.unsqueeze(0) + fp.perturbations.to(torch.float64).unsqueeze(1)).reshape(-1, *fp.input_shape)
+    # A module is queried in eval mode, every module's training flag restored afterwards.
+    context = eval_mode(suspect, warn=False) if isinstance(suspect, nn.Module) else contextlib.nullcontext()
     try:
-        clean = _query(suspect, x, dtype, dev, batch)
-        pert = _query(suspect, xd, dtype, dev, batch)
+        with context:
+            clean = _query(suspect, x, dtype, dev, batch)
+            pert = _query(suspect, xd, dtype, dev, batch)
     except HarmlessError:
         raise
     except Exception as exc:  # noqa: BLE001 - a suspect that cannot take the inputs is a user error
         raise InputError(f"the suspect model failed on inputs of shape (B, {', '.join(map(str, fp.input_shape))}) "
                          f"as {dtype}: {exc}") from exc
-    finally:
-        if isinstance(suspect, nn.Module) and was_training:
-            suspect.train()
     if clean.shape[0] != p or pert.shape[0] != k * p or tuple(pert.shape[1:]) != tuple(clean.shape[1:]):
         raise InputError(f"the suspect returned outputs of shapes {tuple(clean.shape)} / {tuple(pert.shape)}; "
                          "expected one output per input")

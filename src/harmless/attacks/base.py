@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harmless import validation
 from harmless.errors import InputError
 from harmless.linalg.prefix import eval_mode
 
@@ -55,27 +56,10 @@ class AttackResult:
 
 # -- settings ---------------------------------------------------------------------------------
 
-def check_positive(value: object, name: str) -> float:
-    """A finite real number > 0 (Python or NumPy scalar, not bool); returned as a float."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok or not math.isfinite(float(value)) or float(value) <= 0:  # type: ignore[arg-type]
-        raise InputError(f"{name} must be a finite positive number, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
 
 
-def check_nonnegative(value: object, name: str) -> float:
-    """A finite real number >= 0 (Python or NumPy scalar, not bool); returned as a float."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok or not math.isfinite(float(value)) or float(value) < 0:  # type: ignore[arg-type]
-        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
 
 
-def check_count(value: object, name: str) -> int:
-    """An integer >= 1 (Python or NumPy integer, not bool or float)."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or int(value) < 1:
-        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def check_norm(norm: object) -> str | int:
@@ -94,23 +78,8 @@ def check_norm(norm: object) -> str | int:
     raise InputError(f"norm must be 'inf' or 2, got {norm!r}")
 
 
-def check_bounds(bounds: object) -> Bounds:
-    """Two finite reals ``(lo, hi)`` with ``lo < hi``."""
-    try:
-        lo, hi = bounds  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise InputError(f"bounds must be a pair (lo, hi), got {bounds!r}") from None
-    lo_f, hi_f = check_real(lo, "bounds[0]"), check_real(hi, "bounds[1]")
-    if not lo_f < hi_f:
-        raise InputError(f"bounds must satisfy lo < hi, got {bounds!r}")
-    return lo_f, hi_f
 
 
-def check_real(value: object, name: str) -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok or not math.isfinite(float(value)):  # type: ignore[arg-type]
-        raise InputError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -173,10 +142,6 @@ def check_logits(logits: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError(f"labels must be < {logits.shape[1]} (the number of classes), got {int(y.max())}")
 
 
-def check_generator(generator: object) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise InputError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
 
 
 def per_sample_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,15 +158,15 @@ class Attack:
     """
 
     def __init__(self, bounds: Bounds = (0.0, 1.0)) -> None:
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  generator: torch.Generator | None = None, bounds: Bounds | None = None) -> AttackResult:
         """Attack ``model`` on the batch ``x`` with true labels ``y``; ``bounds`` overrides the
         constructor's for this call; ``generator`` seeds the random parts (random starts)."""
-        b = self.bounds if bounds is None else check_bounds(bounds)
+        b = self.bounds if bounds is None else validation.bounds(bounds)
         check_data(model, x, y, b)
-        check_generator(generator)
+        validation.generator(generator)
         # Never touch the caller's tensors: every attack works on detached copies.
         x0 = x.detach().clone()
         y0 = y.detach().clone()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harmless.attacks.base import Attack, Bounds, check_count, check_nonnegative, check_positive, margin_other
+from harmless import validation
+from harmless.attacks.base import Attack, Bounds, margin_other
 from harmless.errors import InputError
 
 #: Scales the image into the open interval before arctanh, so that pixels at the bounds map to
@@ -38,11 +39,11 @@ class CarliniWagnerL2(Attack):
                  initial_const: float = 1e-3, confidence: float = 0.0, abort_early: bool = True, *,
                  bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__(bounds)
-        self.steps = check_count(steps, "steps")
-        self.binary_search_steps = check_count(binary_search_steps, "binary_search_steps")
-        self.stepsize = check_positive(stepsize, "stepsize")
-        self.initial_const = check_positive(initial_const, "initial_const")
-        self.confidence = check_nonnegative(confidence, "confidence")
+        self.steps = validation.positive_int(steps, "steps")
+        self.binary_search_steps = validation.positive_int(binary_search_steps, "binary_search_steps")
+        self.stepsize = validation.positive_number(stepsize, "stepsize")
+        self.initial_const = validation.positive_number(initial_const, "initial_const")
+        self.confidence = validation.nonnegative_number(confidence, "confidence")
         if not isinstance(abort_early, bool):
             raise InputError(f"abort_early must be True or False, got {abort_early!r}")
         self.abort_early = abort_early

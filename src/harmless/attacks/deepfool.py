@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harmless.attacks.base import Attack, Bounds, check_count, check_nonnegative
+from harmless import validation
+from harmless.attacks.base import Attack, Bounds
 from harmless.errors import InputError
 
 
@@ -32,11 +33,11 @@ class DeepFool(Attack):
     def __init__(self, steps: int = 50, candidates: int | None = 10, overshoot: float = 0.02, *,
                  bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__(bounds)
-        self.steps = check_count(steps, "steps")
-        self.candidates = None if candidates is None else check_count(candidates, "candidates")
+        self.steps = validation.positive_int(steps, "steps")
+        self.candidates = None if candidates is None else validation.positive_int(candidates, "candidates")
         if self.candidates == 1:
             raise InputError("candidates must be >= 2 (the label and at least one other class), or None for all")
-        self.overshoot = check_nonnegative(overshoot, "overshoot")
+        self.overshoot = validation.nonnegative_number(overshoot, "overshoot")
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, bounds: Bounds,
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

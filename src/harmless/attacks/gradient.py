@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmless.attacks.base import Attack, Bounds, check_count, check_norm, check_positive
+from harmless import validation
+from harmless.attacks.base import Attack, Bounds, check_norm
 from harmless.errors import InputError
 
 
@@ -87,13 +88,13 @@ class PGD(Attack):
                  abs_stepsize: float | None = None, random_start: bool = True,
                  bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__(bounds)
-        self.eps = check_positive(eps, "eps")
-        self.steps = check_count(steps, "steps")
+        self.eps = validation.positive_number(eps, "eps")
+        self.steps = validation.positive_int(steps, "steps")
         self.norm = check_norm(norm)
         if rel_stepsize is not None and abs_stepsize is not None:
             raise InputError("give rel_stepsize or abs_stepsize, not both")
-        self.rel_stepsize = None if rel_stepsize is None else check_positive(rel_stepsize, "rel_stepsize")
-        self.abs_stepsize = None if abs_stepsize is None else check_positive(abs_stepsize, "abs_stepsize")
+        self.rel_stepsize = None if rel_stepsize is None else validation.positive_number(rel_stepsize, "rel_stepsize")
+        self.abs_stepsize = None if abs_stepsize is None else validation.positive_number(abs_stepsize, "abs_stepsize")
         if not isinstance(random_start, bool):
             raise InputError(f"random_start must be True or False, got {random_start!r}")
         self.random_start = random_start
@@ -119,7 +120,7 @@ class FGSM(Attack):
 
     def __init__(self, eps: float, norm: str | int = "inf", *, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__(bounds)
-        self.eps = check_positive(eps, "eps")
+        self.eps = validation.positive_number(eps, "eps")
         self.norm = check_norm(norm)
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, bounds: Bounds,

@@ -17,6 +17,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from harmless import validation
 from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError, VerificationError
 from harmless.linalg.operators import (
     DEFAULT_DENSE_LIMIT,
@@ -36,30 +37,6 @@ from harmless.linalg.rank import (
 from harmless.linalg.solvers import SolveInfo, row_space_component
 
 _DEFAULT_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _validate_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (Sequence, torch.Size)):
-        raise InputError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
-    if not input_shape or not all(_is_int(s) and s > 0 for s in input_shape):
-        raise InputError(f"input_shape must be a non-empty sequence of positive ints, got {input_shape!r}")
-    return tuple(int(s) for s in input_shape)
-
-
-def _validate_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
-        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
-
-
-def _validate_rtol(rtol: object, name: str = "rtol") -> float:
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.floating)) or not (0 < float(rtol) < 1):
-        raise InputError(f"{name} must be a number in (0, 1), got {rtol!r}")
-    return float(rtol)
 
 
 class HarmlessSubspace:
@@ -227,16 +204,8 @@ class HarmlessSubspace:
 
     # -- validation ----------------------------------------------------------------------
     def _batch(self, delta: torch.Tensor, what: str = "delta") -> torch.Tensor:
-        if not isinstance(delta, torch.Tensor):
-            raise InputError(f"{what} must be a torch.Tensor, got {type(delta).__name__}")
-        if tuple(delta.shape[1:]) != self.input_shape or delta.ndim != len(self.input_shape) + 1:
-            raise InputError(f"{what} must have shape (B, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(delta.shape)}")
-        if not delta.is_floating_point():
-            raise InputError(f"{what} must be a floating-point tensor, got {delta.dtype}")
-        if not bool(torch.isfinite(delta).all()):
-            raise InputError(f"{what} contains non-finite values (nan or inf)")
-        return delta.detach().to(dtype=self.dtype, device=self.operator.device)
+        d = validation.batch(delta, self.input_shape, what)
+        return d.to(dtype=self.dtype, device=self.operator.device)
 
     # -- the algorithms ------------------------------------------------------------------
     def _harmful(self, d: torch.Tensor) -> torch.Tensor:
@@ -289,7 +258,7 @@ class HarmlessSubspace:
             if delta.is_floating_point() and torch.finfo(delta.dtype).eps > torch.finfo(self.dtype).eps:
                 tol = max(tol, 10 * torch.finfo(delta.dtype).eps)
         else:
-            tol = _validate_rtol(rtol)
+            tol = validation.fraction(rtol, "rtol")
         out = self.operator.matvec(d).reshape(d.shape[0], -1).norm(dim=1)
         return (out <= tol * self.operator_norm * d.reshape(d.shape[0], -1).norm(dim=1)).to(delta.device)
 
@@ -302,8 +271,8 @@ class HarmlessSubspace:
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` random harmless perturbations of unit L2 norm, uniform on the subspace's sphere."""
-        if not _is_int(n) or n < 1:
-            raise InputError(f"n must be a positive int, got {n!r}")
+        n = validation.positive_int(n, "n")
+        validation.generator(generator)
         if self._known_injective:
             raise NoHarmlessSubspaceError(self._injective_message())
         self._verified()
@@ -378,7 +347,7 @@ class HarmlessSubspace:
 def _resolve_dtype(model: object, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return model.dtype if isinstance(model, TorchLinearOperator) else torch.float64
-    dtype = _validate_dtype(dtype)
+    dtype = validation.float_dtype(dtype)
     if isinstance(model, TorchLinearOperator) and dtype != model.dtype:
         raise InputError(f"dtype={dtype} differs from the operator's {model.dtype}; use operator.astype(dtype)")
     return dtype
@@ -426,14 +395,13 @@ def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Seque
     ``space.dim_is_lower_bound`` says when the run stopped early (the result is then a
     subspace of the true one).
     """
-    shape = _validate_shape(input_shape)
+    shape = validation.shape(input_shape)
     dtype = _resolve_dtype(model, dtype)
     if method not in ("auto", "dense", "gram", "structure"):
         raise InputError(f"method must be auto, dense, gram or structure, got {method!r}")
-    if not isinstance(dense_limit, int) or dense_limit < 1:
-        raise InputError(f"dense_limit must be a positive int, got {dense_limit!r}")
+    dense_limit = validation.positive_int(dense_limit, "dense_limit")
     if rtol is not None:
-        rtol = _validate_rtol(rtol)
+        rtol = validation.fraction(rtol, "rtol")
     op, run = _as_operator_and_run(model, shape, layer, dtype, output)
     return HarmlessSubspace(op, run=run, rtol=rtol, dense_limit=dense_limit, method=method)
 
@@ -448,10 +416,9 @@ def least_harmful(model: nn.Module | TorchLinearOperator, input_shape: Sequence[
     (no harmless subspace) they are exactly Lemma 2's minimisers of ``||A v||``.
     Returns ``(vecs of shape (k, *input_shape), gains of shape (k,))``, gains ascending.
     """
-    shape = _validate_shape(input_shape)
+    shape = validation.shape(input_shape)
     dtype = _resolve_dtype(model, dtype)
-    if not _is_int(k) or k < 1:
-        raise InputError(f"k must be a positive int, got {k!r}")
+    k = validation.positive_int(k, "k")
     op, _ = _as_operator_and_run(model, shape, layer, dtype)
     if op.m * op.n <= dense_limit:
         sv, vt = right_singular_vectors(op, limit=dense_limit)

@@ -23,13 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from harmless import validation
 from harmless.cache import atomic_path, atomic_write_text, cache_dir, sha256_file
-from harmless.errors import InputError
 from harmless.models.registry import ModelSpec, build_model, parse_spec
 
 __all__ = [
@@ -52,9 +51,7 @@ class CheckpointWarning(UserWarning):
 def check_seed(seed: object) -> int:
     """A training seed as an ``int``: non-negative (it names the cache file), NumPy integers
     accepted; anything else is an :class:`InputError`."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return validation.nonnegative_int(seed, "seed")
 
 
 def checkpoint_paths(spec: str | ModelSpec, seed: int = 0) -> tuple[Path, Path]:
