@@ -24,7 +24,6 @@ from harmless.fingerprint import (
     FORMAT_VERSION,
     Fingerprint,
     FingerprintError,
-    _checksum,
     create_fingerprint,
     exclusion_basis,
     intersection_basis,
@@ -33,6 +32,7 @@ from harmless.fingerprint import (
     save_fingerprint,
     verify_fingerprint,
 )
+from harmless.fingerprint.fileformat import _checksum  # the file format's own checksum, to forge files
 from harmless.models import build_model
 
 SHAPE = (1, 28, 28)
