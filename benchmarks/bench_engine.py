@@ -31,7 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import harmless  # noqa: E402
+import harmless  # noqa: E402  (after the src/ path, so the checkout's harmless is measured)
 from harmless.cache import atomic_write_text  # noqa: E402
 from harmless.plotting import save_figure  # noqa: E402
 

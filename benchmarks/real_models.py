@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import harmless  # noqa: E402
-import test_real_models as patterns  # noqa: E402  (the model patterns and the oracle)
+import test_real_models as patterns
+
+import harmless
 
 F64 = torch.float64
 

@@ -20,8 +20,19 @@ want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "harmless set-up: building $VENV (once) ..." >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+  # pip's output is kept and shown (less a harmless notice about this machine's extra package
+  # folder); a failed install stops the set-up with its message, it is never hidden.
+  pip_install() {
+    local out
+    if ! out="$("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1)"; then
+      printf '%s\n' "$out" >&2
+      echo "harmless set-up: pip install $* failed" >&2
+      exit 1
+    fi
+    printf '%s\n' "$out" | grep -v -e "is ignored: it is neither" -e '^$' >&2 || :
+  }
+  pip_install "torch==2.13.0"
+  pip_install -e "$ROOT[test]"
   "$VENV/bin/python" -c "import harmless, torch, scipy, hypothesis" >/dev/null
   echo "$want" > "$STAMP"
 fi
@@ -40,8 +51,9 @@ if [ "$fashion_status" != "" ] && [ "$fashion_status" != "install ok installed" 
   echo "harmless set-up: installing the Debian package $FASHION_PKG (Fashion-MNIST, once) ..." >&2
   candidate="$(apt-cache policy "$FASHION_PKG" 2>/dev/null | awk '/Candidate:/ {print $2}')"
   if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
-    $SUDO apt-get update -q >&2
+    $SUDO apt-get update -qq >&2
   fi
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$FASHION_PKG" >&2
+  # -qq and stdout to /dev/null: apt's progress is noise here; its errors still reach stderr.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$FASHION_PKG" >/dev/null
 fi
 export PATH="$VENV/bin:$PATH"

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
 from harmless.attacks import FGSM, PGD, AttackResult, CarliniWagnerL2, DeepFool

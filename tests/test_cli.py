@@ -92,7 +92,7 @@ def test_bad_zoo_parameter(capsys: pytest.CaptureFixture[str]) -> None:
     assert "stem_stride" in one_error_line(err)
 
 
-def test_missing_model_file(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+def test_missing_model_file(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     code, _, err = run(capsys, "analyze", str(tmp_path / "nope.pt"), "--input-shape", "3,32,32")
     assert code == EXIT_USER_ERROR
     one_error_line(err)
@@ -123,7 +123,7 @@ def test_reproduce_unknown_experiment(capsys: pytest.CaptureFixture[str]) -> Non
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_factory_model_needs_input_shape(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_factory_model_needs_input_shape(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "mymodels.py").write_text(
         "from torch import nn\n"
         "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)).eval()\n")
@@ -133,7 +133,7 @@ def test_factory_model_needs_input_shape(capsys: pytest.CaptureFixture[str], tmp
     assert "--input-shape" in one_error_line(err)
 
 
-def test_analyze_factory_model_json(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_analyze_factory_model_json(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "mymodels2.py").write_text(
         "from torch import nn\n"
         "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)).eval()\n")
@@ -148,7 +148,7 @@ def test_analyze_factory_model_json(capsys: pytest.CaptureFixture[str], tmp_path
     assert report["layers"][1]["harmless_dim"] == 5 - 2
 
 
-def test_analyze_with_weights_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_analyze_with_weights_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "mymodels3.py").write_text(
         "from torch import nn\n"
         "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()\n")
@@ -198,7 +198,7 @@ def test_models_list(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_models_train_cifar_without_data_says_untrained(capsys: pytest.CaptureFixture[str], tmp_path,
-                                                         monkeypatch) -> None:  # noqa: ANN001
+                                                         monkeypatch) -> None:
     monkeypatch.setenv("HARMLESS_CACHE", str(tmp_path))
     code, out, _ = run(capsys, "models", "train", "resnet18:stem_stride=8", "--quiet")
     assert code == 0
@@ -206,7 +206,7 @@ def test_models_train_cifar_without_data_says_untrained(capsys: pytest.CaptureFi
 
 
 @pytest.fixture
-def tiny_training_data(tmp_path, monkeypatch) -> list[str]:  # noqa: ANN001
+def tiny_training_data(tmp_path, monkeypatch) -> list[str]:
     """An empty private cache, and 256 synthetic images in place of every zoo training/test set,
     so that "training" a zoo model takes a fraction of a second. Returns the datasets asked for."""
     from types import SimpleNamespace
@@ -248,13 +248,13 @@ def test_models_train_another_seed_keeps_seed_0(capsys: pytest.CaptureFixture[st
 
 
 def test_training_is_announced_before_it_starts(capsys: pytest.CaptureFixture[str], tiny_training_data: list[str],
-                                               monkeypatch) -> None:  # noqa: ANN001
+                                               monkeypatch) -> None:
     from harmless.models import train as train_mod
 
     before_training: list[str] = []
     real_loop = train_mod.train_loop
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         before_training.append(capsys.readouterr().err)  # what the user saw when training began
         return real_loop(*args, **kwargs)
 
@@ -278,7 +278,7 @@ def test_training_is_announced_before_it_starts(capsys: pytest.CaptureFixture[st
     ["privatize", "mlp5:mnist", "{tmp}", "--out", "{tmp}/out"],
 ])
 def test_no_train_refuses_instead_of_training(capsys: pytest.CaptureFixture[str], tiny_training_data: list[str],
-                                              tmp_path, argv: list[str]) -> None:  # noqa: ANN001
+                                              tmp_path, argv: list[str]) -> None:
     if argv[:2] == ["fingerprint", "verify"]:  # a fingerprint to verify against, of another model
         from harmless.fingerprint import create_fingerprint, save_fingerprint
 
@@ -303,7 +303,7 @@ FACTORY = (
 
 
 def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFixture[str], tmp_path,
-                                                        monkeypatch) -> None:  # noqa: ANN001
+                                                        monkeypatch) -> None:
     (tmp_path / "fpmodels.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     fp = tmp_path / "a.fp"
@@ -325,7 +325,7 @@ def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFi
 
 
 def test_fingerprint_create_out_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path,
-                                               monkeypatch) -> None:  # noqa: ANN001
+                                               monkeypatch) -> None:
     (tmp_path / "fpmodels4.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     folder = tmp_path / "fps"
@@ -339,21 +339,21 @@ def test_fingerprint_create_out_is_a_directory(capsys: pytest.CaptureFixture[str
     assert list(folder.iterdir()) == []
 
 
-def test_weights_that_are_a_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+def test_weights_that_are_a_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     code, _, err = run(capsys, "analyze", "mlp5:mnist", "--weights", str(tmp_path))
     assert code == EXIT_USER_ERROR
     line = one_error_line(err)
     assert "is a directory" in line and "not found" not in line
 
 
-def test_model_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+def test_model_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     code, _, err = run(capsys, "analyze", str(tmp_path), "--input-shape", "3,32,32")
     assert code == EXIT_USER_ERROR
     assert "is a directory" in one_error_line(err)
 
 
 def test_fingerprint_verify_rejects_a_tampered_file(capsys: pytest.CaptureFixture[str], tmp_path,
-                                                    monkeypatch) -> None:  # noqa: ANN001
+                                                    monkeypatch) -> None:
     (tmp_path / "fpmodels2.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     fp = tmp_path / "a.fp"
@@ -366,9 +366,9 @@ def test_fingerprint_verify_rejects_a_tampered_file(capsys: pytest.CaptureFixtur
     assert code == EXIT_USER_ERROR and "checksum" in one_error_line(err)
 
 
-def _write_pngs(folder, count: int, size: int = 28, mode: str = "L") -> None:  # noqa: ANN001
-    from PIL import Image
+def _write_pngs(folder, count: int, size: int = 28, mode: str = "L") -> None:
     import numpy as np
+    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -378,7 +378,7 @@ def _write_pngs(folder, count: int, size: int = 28, mode: str = "L") -> None:  #
 
 
 def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
-        capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+        capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     from harmless.privacy.job import load_privatized, read_image
 
     (tmp_path / "pvmodels.py").write_text(FACTORY)
@@ -418,7 +418,7 @@ def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
 
 
 def test_privatize_resume_keeps_metrics_and_refuses_another_method(
-        capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+        capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "pvmodels5.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     _write_pngs(tmp_path / "in", 2)
@@ -446,7 +446,7 @@ def test_privatize_resume_keeps_metrics_and_refuses_another_method(
 
 
 def test_privatize_input_folder_as_out_twice(capsys: pytest.CaptureFixture[str], tmp_path,
-                                             monkeypatch) -> None:  # noqa: ANN001
+                                             monkeypatch) -> None:
     (tmp_path / "pvmodels6.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     folder = tmp_path / "in"
@@ -465,7 +465,7 @@ def test_privatize_input_folder_as_out_twice(capsys: pytest.CaptureFixture[str],
 @pytest.mark.parametrize("extra, words", [(["--batch-size", "0"], "batch_size"), (["--batch-size", "-3"], "batch_size"),
                                           (["--out-is-a-file"], "is an existing file")])
 def test_privatize_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, extra: list[str],
-                                 words: str) -> None:  # noqa: ANN001
+                                 words: str) -> None:
     (tmp_path / "pvmodels7.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     _write_pngs(tmp_path / "in", 1)
@@ -480,7 +480,7 @@ def test_privatize_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path, m
     assert out.read_bytes() == b"a user's file" if out.exists() else True
 
 
-def test_read_image_gives_no_numpy_warning(tmp_path) -> None:  # noqa: ANN001
+def test_read_image_gives_no_numpy_warning(tmp_path) -> None:
     # PyTorch warns once per process, so only a fresh process can tell whether it would.
     _write_pngs(tmp_path / "gray", 1)
     _write_pngs(tmp_path / "rgb", 1, mode="RGB")
@@ -496,7 +496,7 @@ def test_read_image_gives_no_numpy_warning(tmp_path) -> None:  # noqa: ANN001
                                                  ("RGBA", ".png", "an RGBA image (converted to RGB"),
                                                  ("RGB", ".png", "an RGB image (RGB")])
 def test_privatize_describes_image_modes(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, mode: str,
-                                         suffix: str, words: str) -> None:  # noqa: ANN001
+                                         suffix: str, words: str) -> None:
     from PIL import Image
 
     (tmp_path / "pvmodels9.py").write_text(FACTORY)
@@ -512,7 +512,7 @@ def test_privatize_describes_image_modes(capsys: pytest.CaptureFixture[str], tmp
 
 @pytest.mark.parametrize("size, mode, words", [(32, "L", "expects 28x28"), (28, "RGB", "expects grayscale")])
 def test_privatize_bad_images(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, size: int, mode: str,
-                              words: str) -> None:  # noqa: ANN001
+                              words: str) -> None:
     (tmp_path / "pvmodels2.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     _write_pngs(tmp_path / "in", 1, size=size, mode=mode)
@@ -521,7 +521,7 @@ def test_privatize_bad_images(capsys: pytest.CaptureFixture[str], tmp_path, monk
     assert code == EXIT_USER_ERROR and words in one_error_line(err)
 
 
-def test_privatize_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_privatize_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "pvmodels3.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -539,7 +539,7 @@ PATCHIFY = (
     "def overlapping():\n    return model(6)\n")
 
 
-def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     from harmless.privacy.job import load_privatized, read_image
 
     (tmp_path / "patchmodels.py").write_text(PATCHIFY)
@@ -574,3 +574,25 @@ def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, mo
                        str(tmp_path / "out3"), "--input-shape", "1,28,28", "--tile", "7")
     line = one_error_line(err)
     assert code == EXIT_USER_ERROR and "Linear" in line and "mat1" not in line
+
+
+def test_reproduce_writes_a_fresh_folder_by_default(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                    monkeypatch) -> None:
+    """Issue 11, item 16: the tracked results/ is written only when --out asks for it."""
+    import harmless.experiments as experiments
+
+    seen: list[Path] = []
+
+    def fake(name: str, *, out_dir: Path, quick: bool, data_dir: object) -> list[Path]:
+        seen.append(out_dir)
+        return []
+
+    monkeypatch.setattr(experiments, "run_experiment", fake)
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "fig2"]) == 0
+    assert seen[-1].parts[0] == "reproduced" and seen[-1] != Path("results")
+    assert main(["reproduce", "fig2", "--out", "results"]) == 0 and seen[-1] == Path("results")
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    code, _, err = run(capsys, "reproduce", "fig2", "--out", "afile")
+    assert code == EXIT_USER_ERROR and "is a file" in one_error_line(err)

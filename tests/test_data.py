@@ -37,8 +37,8 @@ from harmless.data import (
     load_svhn_mat,
     parse_idx,
     safe_load_pickle,
+    sources,
 )
-from harmless.data import sources
 from harmless.errors import DataUnavailableError, InputError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

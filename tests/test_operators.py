@@ -19,23 +19,23 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import oracle  # noqa: E402
-from oracle import LayerConfig, engine_settings, single_torch_thread  # noqa: E402,F401
+import oracle
+from oracle import LayerConfig, engine_settings, single_torch_thread  # noqa: F401
 
-import harmless  # noqa: E402
-from harmless.errors import InputError, TooLargeError, UnsupportedLayerError  # noqa: E402
-from harmless.linalg.layers import is_linear_module, operator_for_module  # noqa: E402
-from harmless.linalg.operators import (  # noqa: E402
+import harmless
+from harmless.errors import InputError, TooLargeError, UnsupportedLayerError
+from harmless.linalg.layers import is_linear_module, operator_for_module
+from harmless.linalg.operators import (
     ChannelScaleOperator,
     ComposedOperator,
     ConvOperator,
     FunctionOperator,
-    TokenwiseMatrixOperator,
     MatrixOperator,
     ReshapeOperator,
+    TokenwiseMatrixOperator,
     TorchLinearOperator,
 )
-from harmless.nn import Normalize  # noqa: E402
+from harmless.nn import Normalize
 
 EPS = {torch.float64: np.finfo(np.float64).eps, torch.float32: np.finfo(np.float32).eps}
 

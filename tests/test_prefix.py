@@ -21,18 +21,18 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import oracle  # noqa: E402
-from oracle import single_torch_thread  # noqa: E402,F401
+import oracle
+from oracle import single_torch_thread  # noqa: F401
 
-import harmless  # noqa: E402
-from harmless.errors import (  # noqa: E402
+import harmless
+from harmless.errors import (
     InputError,
     NoHarmlessSubspaceError,
     TrainingModeWarning,
     UnsupportedLayerError,
 )
-from harmless.linalg.prefix import linear_layers, linear_run  # noqa: E402
-from harmless.nn import Normalize  # noqa: E402
+from harmless.linalg.prefix import linear_layers, linear_run
+from harmless.nn import Normalize
 
 F64 = torch.float64
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import engine_settings, single_torch_thread  # noqa: F401  (fixture)
 from torch import nn
 
 import harmless
 from harmless.cli import main
 from harmless.errors import NoHarmlessSubspaceError, UnsupportedLayerError, VerificationError
-from oracle import engine_settings, single_torch_thread  # noqa: F401  (fixture)
 
 F64 = torch.float64
 
@@ -68,7 +68,7 @@ def measure_on_model(model: nn.Module, space: harmless.HarmlessSubspace, shape: 
     rand = rand / rand.reshape(n, -1).norm(dim=1).view(view)
     seen: list[torch.Tensor] = []
 
-    def at_layer(delta: torch.Tensor | None):  # noqa: ANN202 - a forward pre-hook
+    def at_layer(delta: torch.Tensor | None):
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
             if delta is None:
                 seen.append(args[0].clone())  # the layer's own input: the size reference
@@ -448,7 +448,7 @@ def test_tokenwise_linear_at_197_tokens_has_an_exact_dimension_without_a_dense_m
     assert_harmless_on_model(model, space, (197, 24))
 
 
-def test_torchscript_is_refused_in_one_honest_line(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_torchscript_is_refused_in_one_honest_line(tmp_path, capsys) -> None:
     model = torch.jit.script(nn.Sequential(nn.Linear(6, 3), nn.ReLU()).eval())
     with pytest.raises(UnsupportedLayerError, match="TorchScript"):
         harmless.harmless_subspace(model, (6,))
@@ -501,7 +501,7 @@ def test_output_selection_for_tuples_and_dicts() -> None:
         harmless.harmless_subspace(model, (6,), output="nope").sample(1)
 
 
-def test_sample_is_bounded_when_no_rank_is_known(monkeypatch) -> None:  # noqa: ANN001
+def test_sample_is_bounded_when_no_rank_is_known(monkeypatch) -> None:
     """An injective prefix whose rank cannot be computed: sample() answers within a few
     rounds, says what is known, and does not call it injective."""
     from harmless.errors import TooLargeError
@@ -517,7 +517,7 @@ def test_sample_is_bounded_when_no_rank_is_known(monkeypatch) -> None:  # noqa: 
     assert "max(0, n - m) = 0" in str(exc.value)
 
 
-def test_analyze_prints_steps_defects_and_an_honest_headline(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_analyze_prints_steps_defects_and_an_honest_headline(tmp_path, monkeypatch, capsys) -> None:
     (tmp_path / "realmodels.py").write_text(
         "import torch\nfrom torch import nn\n"
         "class M(nn.Module):\n"

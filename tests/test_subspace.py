@@ -35,11 +35,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import oracle  # noqa: E402
-from oracle import LayerConfig, engine_settings, single_torch_thread  # noqa: E402,F401
+import oracle
+from oracle import LayerConfig, engine_settings, single_torch_thread  # noqa: F401
 
-import harmless  # noqa: E402
-from harmless.errors import (  # noqa: E402
+import harmless
+from harmless.errors import (
     HarmlessError,
     InputError,
     NoHarmlessSubspaceError,
@@ -47,9 +47,9 @@ from harmless.errors import (  # noqa: E402
     TooLargeError,
     UnsupportedLayerError,
 )
-from harmless.linalg.layers import operator_for_module  # noqa: E402
-from harmless.linalg.operators import MatrixOperator  # noqa: E402
-from harmless.nn import Normalize  # noqa: E402
+from harmless.linalg.layers import operator_for_module
+from harmless.linalg.operators import MatrixOperator
+from harmless.nn import Normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -1066,13 +1066,13 @@ def test_zero_padding_border_windows_break_corollary1() -> None:
     assert corollary1_conditions(op) == ["border windows read only 16 inputs for 20 kernels (zero padding)"]
 
 
-def test_project_and_sample_work_when_no_exact_rank_fits(monkeypatch) -> None:  # noqa: ANN001
+def test_project_and_sample_work_when_no_exact_rank_fits(monkeypatch) -> None:
     """Large overlapping convolutions have no affordable exact rank; project/sample must still
     work matrix-free (they need no rank), and agree with the dense projection."""
     import harmless.linalg.subspace as sub
     from harmless.errors import TooLargeError
 
-    def no_rank(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def no_rank(*args, **kwargs):
         raise TooLargeError("no exact rank method fits (simulated)")
 
     torch.manual_seed(0)

@@ -6,16 +6,16 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__"]
 
-from harmless.errors import (  # noqa: E402
+from harmless.errors import (
     HarmlessError,
     InputError,
     NoHarmlessSubspaceError,
     TooLargeError,
     UnsupportedLayerError,
 )
-from harmless.linalg.operators import TorchLinearOperator  # noqa: E402
-from harmless.linalg.prefix import linear_run  # noqa: E402
-from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace, least_harmful  # noqa: E402
+from harmless.linalg.operators import TorchLinearOperator
+from harmless.linalg.prefix import linear_run
+from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace, least_harmful
 
 __all__ += [
     "HarmlessError", "InputError", "NoHarmlessSubspaceError", "TooLargeError", "UnsupportedLayerError",

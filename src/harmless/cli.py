@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def resolve_model(spec: str, *, weights: str | None, input_shape: str | None, data_dir: str | None,
-                  progress: bool = True, allow_training: bool | None = None):  # noqa: ANN201 - (nn.Module, shape)
+                  progress: bool = True, allow_training: bool | None = None):
     """Load the model named by ``spec`` and decide its input shape (a zoo model knows it).
     ``allow_training`` (default: as the command line says, see ``--no-train``): whether a zoo
     model missing from the cache may be trained now."""
@@ -113,7 +114,8 @@ def cmd_models_train(args: argparse.Namespace) -> int:
         name = tm.spec.key if tm.seed == 0 else f"{tm.spec.key} (seed {tm.seed})"
         if tm.trained:
             where = "from cache" if tm.from_cache else "trained"
-            print(f"{name}: {where}, test accuracy {100 * tm.test_accuracy:.2f}% ({tm.checkpoint})")
+            acc = "unknown" if tm.test_accuracy is None else f"{100 * tm.test_accuracy:.2f}%"
+            print(f"{name}: {where}, test accuracy {acc} ({tm.checkpoint})")
         else:
             print(f"{name}: untrained (seeded random weights; pass --data-dir with CIFAR-10 to train)")
     return 0
@@ -198,14 +200,14 @@ def cmd_fingerprint_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_privatize(args: argparse.Namespace) -> int:
-    from harmless.linalg.subspace import harmless_subspace
+    from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
     from harmless.privacy.job import privatize_files
+    from harmless.privacy.tiles import Tiling, tiling
 
     model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
                                  data_dir=args.data_dir)
+    space: HarmlessSubspace | Tiling
     if args.tile is not None:
-        from harmless.privacy.tiles import tiling
-
         space = tiling(model, shape, args.tile)
     else:
         space = harmless_subspace(model, shape)
@@ -218,8 +220,13 @@ def cmd_privatize(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from harmless.experiments import run_experiment
 
+    # By default a fresh folder per run: the tracked results/ is written only when asked for.
+    out = Path(args.out) if args.out else Path("reproduced") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    print(f"harmless: writing to {out}/", file=sys.stderr)
     for name in args.experiments:
-        for path in run_experiment(name, out_dir=Path(args.out), quick=args.quick, data_dir=args.data_dir):
+        for path in run_experiment(name, out_dir=out, quick=args.quick, data_dir=args.data_dir):
             print(f"wrote {path}")
     return 0
 
@@ -331,10 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     pv.set_defaults(func=cmd_privatize)
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
-    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", choices=["fig2", "table1", "fig3", "fig5", "table2", "all"],
+    rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                     choices=["fig2", "table1", "fig3", "fig5", "table2", "all"],
                      help="fig2, table1, fig3, fig5, table2 or all")
     rep.add_argument("--quick", action="store_true", help="fewer points and images (minutes instead of more)")
-    rep.add_argument("--out", default="results", help="output folder (default: results)")
+    rep.add_argument("--out", help="output folder (default: a fresh reproduced/YYYYMMDD-HHMMSS/; "
+                                   "--out results replaces the tracked results)")
     rep.add_argument("--data-dir", help="a CIFAR-10 python-pickle folder to train the CIFAR models on")
     rep.set_defaults(func=cmd_reproduce)
 

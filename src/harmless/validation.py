@@ -89,16 +89,18 @@ def float_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
     """``torch.float32`` or ``torch.float64``."""
     if dtype not in (torch.float32, torch.float64):
         raise InputError(f"{name} must be torch.float32 or torch.float64, got {dtype}")
-    return dtype  # type: ignore[return-value]
+    return dtype
 
 
 def bounds(value: object, name: str = "bounds") -> tuple[float, float]:
     """Two finite reals ``(lo, hi)`` with ``lo < hi``."""
     try:
-        lo, hi = value  # type: ignore[misc]
-    except (TypeError, ValueError):
+        pair: tuple[object, ...] = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
         raise InputError(f"{name} must be a pair (lo, hi), got {value!r}") from None
-    lo_f, hi_f = real_number(lo, f"{name}[0]"), real_number(hi, f"{name}[1]")
+    if len(pair) != 2:
+        raise InputError(f"{name} must be a pair (lo, hi), got {value!r}")
+    lo_f, hi_f = real_number(pair[0], f"{name}[0]"), real_number(pair[1], f"{name}[1]")
     if not lo_f < hi_f:
         raise InputError(f"{name} must satisfy lo < hi, got {value!r}")
     return lo_f, hi_f

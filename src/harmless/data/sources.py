@@ -151,7 +151,7 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        fh = open(folder / ".lock", "a+b")  # noqa: SIM115 - held for the block
+        fh = open(folder / ".lock", "a+b")
     except OSError:  # read-only cache: nothing will be written anyway
         yield
         return

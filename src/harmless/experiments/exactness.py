@@ -28,7 +28,6 @@ from harmless.experiments.common import (
 )
 from harmless.linalg.subspace import harmless_subspace
 
-
 #: ResNet-50 with the ImageNet-style 7x7 stem at stride 6: overlapping windows (7 > 6) and
 #: n = 3072 > m = 64 * 6 * 6 = 2304, so Corollary 1 applies and a harmless subspace exists.
 CIFAR_SPEC = "resnet50:cifar10,stem_kernel=7,stem_stride=6"

@@ -54,9 +54,9 @@ def _stem(arch: str, stride: int) -> nn.Module:
 
 
 def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> list[Path]:
-    from harmless.models import first_layer
-
     import matplotlib
+
+    from harmless.models import first_layer
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

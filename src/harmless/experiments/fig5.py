@@ -225,7 +225,7 @@ def _listing(values: list[float]) -> str:
     return ", ".join(f"{v:g}" for v in values) if values else "(none)"
 
 
-def _worst_ratio(fp: Fingerprint, verdicts: dict, variants: list[Variant]) -> float:  # noqa: ANN001
+def _worst_ratio(fp: Fingerprint, verdicts: dict, variants: list[Variant]) -> float:
     """The largest factor between estimated and true deviation over the fc1-only variants."""
     worst = 1.0
     for v in variants:
@@ -298,11 +298,17 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
                 sames[v.name].append(verdict.same)
         _log(f"{n_fp} fingerprints x {len(variants)} variants verified ({time.perf_counter() - start:.0f} s)")
 
-        def pooled(values: dict[str, list], keep) -> np.ndarray:  # noqa: ANN001
+        def pooled(values: dict[str, list], keep) -> np.ndarray:
             return np.array([x for v in variants if keep(v) for x in values[v.name]])
 
-        identical, independent = (lambda v: v.category == "identical"), (lambda v: v.category == "independent")
-        fc1_changed = (lambda v: v.fc1_changed)
+        def identical(v: Variant) -> bool:
+            return v.category == "identical"
+
+        def independent(v: Variant) -> bool:
+            return v.category == "independent"
+
+        def fc1_changed(v: Variant) -> bool:
+            return v.fc1_changed
         pos, neg, chg = pooled(stats, identical), pooled(stats, independent), pooled(stats, fc1_changed)
         frr = 1 - float(pooled(sames, identical).mean())
         far = float(pooled(sames, independent).mean())
@@ -435,7 +441,7 @@ Run time: {seconds:.0f} s.
 
 
 @torch.no_grad()
-def _figure(plt, fp: Fingerprint, a: nn.Module, b: nn.Module, note: str):  # noqa: ANN001, ANN202
+def _figure(plt, fp: Fingerprint, a: nn.Module, b: nn.Module, note: str):
     """Probes, perturbations, and the logits of A and of another model on x and x + d."""
     p = min(fp.num_probes, 4)
     fig, axes = plt.subplots(4, p, figsize=(3.0 * p, 10.5))
@@ -468,7 +474,7 @@ def _figure(plt, fp: Fingerprint, a: nn.Module, b: nn.Module, note: str):  # noq
     return fig
 
 
-def _roc_figure(plt, variants: list[Variant], stats: dict[str, list[float]],  # noqa: ANN001, ANN202
+def _roc_figure(plt, variants: list[Variant], stats: dict[str, list[float]],
                 thr_range: tuple[float, float], thr_grid: np.ndarray, tar: np.ndarray, far: np.ndarray,
                 changed: tuple[np.ndarray, np.ndarray], n_fp: int):
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.28 * len(variants) + 2.5), gridspec_kw={"width_ratios": [1.6, 1]})

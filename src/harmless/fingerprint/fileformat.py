@@ -217,8 +217,8 @@ def _validate(header: dict[str, object], tensors: dict[str, torch.Tensor]) -> No
     if missing:
         raise FingerprintError(f"fingerprint lacks tensor(s) {', '.join(missing)}")
     try:
-        shape = tuple(int(s) for s in header["input_shape"])  # type: ignore[union-attr]
-        k, p = int(header["k"]), int(header["num_probes"])  # type: ignore[arg-type]
+        shape = tuple(int(s) for s in header["input_shape"])  # type: ignore[attr-defined]
+        k, p = int(header["k"]), int(header["num_probes"])  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError) as exc:
         raise FingerprintError(f"fingerprint header is missing or has a malformed field: {exc}") from exc
     for name in _TENSOR_NAMES:
@@ -272,7 +272,7 @@ def load_fingerprint(path: str | Path) -> Fingerprint:
                                f"(this harmless reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     try:
         tensors = load(data)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as exc:
         raise FingerprintError(f"{path}: corrupt safetensors data ({exc})") from exc
     expected = meta.get(_CHECKSUM_KEY)
     if not isinstance(expected, str):

@@ -308,7 +308,7 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
             pert = _query(suspect, xd, dtype, dev, batch)
     except HarmlessError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a suspect that cannot take the inputs is a user error
+    except Exception as exc:
         raise InputError(f"the suspect model failed on inputs of shape (B, {', '.join(map(str, fp.input_shape))}) "
                          f"as {dtype}: {exc}") from exc
     if clean.shape[0] != p or pert.shape[0] != k * p or tuple(pert.shape[1:]) != tuple(clean.shape[1:]):
@@ -337,7 +337,7 @@ def verify_fingerprint(fp: Fingerprint, suspect: nn.Module | Callable[[torch.Ten
     if isinstance(suspect, nn.Module):
         try:
             hash_match = model_hash(suspect) == fp.model_hash
-        except Exception:  # noqa: BLE001 - a module whose state cannot be hashed: just no hash check
+        except Exception:
             hash_match = None
     same = stat <= thr
     msg = (f"{'SAME' if same else 'DIFFERENT'}: largest relative output change under the {k} fingerprint "

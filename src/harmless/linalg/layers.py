@@ -128,12 +128,14 @@ def operator_for_module(module: nn.Module, in_shape: Sequence[int], *, out_shape
             raise UnsupportedLayerError(
                 f"{label} has no running statistics, so it normalises with batch statistics and is not a "
                 "per-sample linear map")
-        scale = 1.0 / torch.sqrt(module.running_var.detach().to(dtype) + module.eps)
+        running_var: torch.Tensor = module.running_var  # type: ignore[assignment]  # checked by is_linear_module
+        scale = 1.0 / torch.sqrt(running_var.detach().to(dtype) + module.eps)
         if module.affine:
             scale = scale * module.weight.detach().to(dtype)
         return ChannelScaleOperator(scale, in_shape, dtype=dtype)
     if isinstance(module, Normalize):
-        return ChannelScaleOperator(1.0 / module.std.detach().to(dtype), in_shape, dtype=dtype)
+        std: torch.Tensor = module.std  # type: ignore[assignment]  # a registered buffer
+        return ChannelScaleOperator(1.0 / std.detach().to(dtype), in_shape, dtype=dtype)
     if isinstance(module, _RESHAPE):
         if out_shape is None:
             with torch.no_grad():
@@ -366,9 +368,10 @@ def operator_for_call(kind: str, target: Any, args: tuple[Any, ...], kwargs: dic
         if not isinstance(alpha, (int, float)) or alpha == 0 or len(args) != 2:
             return None, "an addition with an unusual alpha or arity"
         # A number added (x + 1.0) is an additive constant like a tensor: zero in the linear part.
-        a = tuple(Constant(v, input_dependent=False) if isinstance(v, (int, float)) else v for v in args)
+        summands = tuple(Constant(v, input_dependent=False) if isinstance(v, (int, float)) else v for v in args)
         # Same shape: the linear part is the identity, or a negation (c - x): orthogonal.
-        return generic(a, kwargs, injective=True, bijective=same, orthogonal=same and (first_running or alpha in (1, -1)))
+        return generic(summands, kwargs, injective=True, bijective=same,
+                       orthogonal=same and (first_running or alpha in (1, -1)))
     if target in _MUL:
         if len(args) != 2:
             return None, "a multiplication of more than two operands"
@@ -423,12 +426,13 @@ def operator_for_call(kind: str, target: Any, args: tuple[Any, ...], kwargs: dic
         mode = _arg(args, kwargs, 2, "mode", "constant")
         if not first_running or not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
             return None, "padding with unusual arguments"
-        a, k = list(args), dict(kwargs)
+        padded: list[Any] = list(args)
+        k = dict(kwargs)
         if mode == "constant":  # the fill value is an additive constant: zero in the linear part
-            if len(a) > 3:
-                a[3] = 0.0
+            if len(padded) > 3:
+                padded[3] = 0.0
             k.pop("value", None)
-        return generic(tuple(a), k, injective=all(p >= 0 for p in pad))
+        return generic(tuple(padded), k, injective=all(p >= 0 for p in pad))
     if target is F.linear:
         weight = _arg(args, kwargs, 1, "weight")
         if not first_running or not isinstance(weight, Constant) or weight.input_dependent:
@@ -449,7 +453,8 @@ def operator_for_call(kind: str, target: Any, args: tuple[Any, ...], kwargs: dic
         padding = _arg(args, kwargs, 4, "padding", 0)
         op = ConvOperator(weight.value, in_shape, stride=tup(_arg(args, kwargs, 3, "stride", 1)),
                           padding=padding if isinstance(padding, str) else tup(padding),
-                          dilation=tup(_arg(args, kwargs, 5, "dilation", 1)), groups=int(_arg(args, kwargs, 6, "groups", 1)),
+                          dilation=tup(_arg(args, kwargs, 5, "dilation", 1)),
+                          groups=int(_arg(args, kwargs, 6, "groups", 1)),
                           dtype=dtype)
         return op, ""
     if target is F.batch_norm:

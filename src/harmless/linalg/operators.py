@@ -111,12 +111,12 @@ class TorchLinearOperator:
 
     # -- algebra (as SciPy's LinearOperator) ---------------------------------------------
     @property
-    def H(self) -> TorchLinearOperator:  # noqa: N802 - SciPy's name for the adjoint
+    def H(self) -> TorchLinearOperator:
         """The adjoint ``A^T`` as an operator (``A.H.H`` is ``A``)."""
         return AdjointOperator(self)
 
     @property
-    def T(self) -> TorchLinearOperator:  # noqa: N802 - real operators: the transpose is the adjoint
+    def T(self) -> TorchLinearOperator:
         return self.H
 
     def __add__(self, other: TorchLinearOperator) -> TorchLinearOperator:
@@ -249,7 +249,8 @@ class TokenwiseMatrixOperator(TorchLinearOperator):
             raise InputError(f"matrix must be 2-D, got shape {tuple(matrix.shape)}")
         in_shape = tuple(int(s) for s in in_shape)
         if len(in_shape) < 2 or in_shape[-1] != matrix.shape[1]:
-            raise InputError(f"a token-wise matrix of shape {tuple(matrix.shape)} needs inputs (..., {matrix.shape[1]}), "
+            raise InputError(f"a token-wise matrix of shape {tuple(matrix.shape)} needs inputs "
+                             f"(..., {matrix.shape[1]}), "
                              f"got {in_shape}")
         super().__init__(in_shape, (*in_shape[:-1], matrix.shape[0]), dtype=dtype, device=matrix.device)
         self.matrix = matrix.detach().to(dtype).clone()
@@ -323,7 +324,8 @@ class ConvOperator(TorchLinearOperator):
     """
 
     _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-    _conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+    _conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,  # type: ignore[attr-defined]
+                   3: torch.nn.grad.conv3d_input}  # type: ignore[attr-defined]
 
     def __init__(self, weight: torch.Tensor, in_shape: Sequence[int], *, stride: Sequence[int],
                  padding: Sequence[int] | str, dilation: Sequence[int], groups: int = 1,
@@ -386,11 +388,12 @@ class ConvOperator(TorchLinearOperator):
         padded_shape = [y.shape[0], self.in_shape[0]] + [
             self.in_shape[1 + i] + sum(self._pad_lr[i]) for i in range(self.d)]
         g = self._conv_input[self.d](padded_shape, self.weight, y, self.stride, 0, self.dilation, self.groups)
-        _, pad_vjp = torch.func.vjp(self._pad, torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype, device=y.device))
+        _, pad_vjp = torch.func.vjp(self._pad, torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype,  # type: ignore[misc]
+                                                           device=y.device))
         return pad_vjp(g)[0]
 
     def astype(self, dtype: torch.dtype) -> ConvOperator:
-        return ConvOperator(self.weight, self.in_shape, dtype=dtype, **self._init)
+        return ConvOperator(self.weight, self.in_shape, dtype=dtype, **self._init)  # type: ignore[arg-type]
 
     def kernel_matrix(self) -> torch.Tensor:
         """The vectorised kernels as a ``(C_out, C_in * prod(k))`` matrix (groups expanded
@@ -439,7 +442,7 @@ class FunctionOperator(TorchLinearOperator):
 
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         x0 = torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype, device=y.device)
-        _, vjp = torch.func.vjp(self.fn, x0)
+        _, vjp = torch.func.vjp(self.fn, x0)  # type: ignore[misc]
         return vjp(y)[0]
 
     def astype(self, dtype: torch.dtype) -> FunctionOperator:
@@ -455,7 +458,7 @@ class ComposedOperator(TorchLinearOperator):
     def __init__(self, factors: Sequence[TorchLinearOperator]) -> None:
         flat: list[TorchLinearOperator] = []
         for f in factors:
-            flat.extend(f.factors if isinstance(f, ComposedOperator) else [f])
+            flat.extend(f.factors if isinstance(f, ComposedOperator) else [f])  # type: ignore[has-type]
         if not flat:
             raise InputError("a composition needs at least one factor")
         for a, b in zip(flat, flat[1:]):
@@ -504,7 +507,7 @@ class AdjointOperator(TorchLinearOperator):
         self.bijective = op.bijective
 
     @property
-    def H(self) -> TorchLinearOperator:  # noqa: N802
+    def H(self) -> TorchLinearOperator:
         return self.op
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:

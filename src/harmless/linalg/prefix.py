@@ -204,7 +204,7 @@ def _perturbations(value: torch.Tensor) -> torch.Tensor:
 
 def _group_rows() -> list[tuple[int, int, int]]:
     """(base row, +v row, -v row) for every group and scale."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     for g in range(_GROUPS):
         b = g * _PER_GROUP
         out.extend((b, b + 1 + 2 * i, b + 2 + 2 * i) for i in range(len(_SCALES)))
@@ -370,9 +370,9 @@ def _walk(traced: Traced, source: torch.fx.Node, first: torch.fx.Node | None, in
             stop = _Stop(None, "output" if scope == "the whole model" else "scope",
                          "the output of the model" if scope == "the whole model" else f"the output of {scope}")
             break
-        why = _static_step(nxt, current, gm, perturbed, traced.opaque)
-        if why is not None:
-            stop = why
+        blocked = _static_step(nxt, current, gm, perturbed, traced.opaque)
+        if blocked is not None:
+            stop = blocked
             break
         chain.append(nxt)
         current = nxt
@@ -426,8 +426,9 @@ def _walk(traced: Traced, source: torch.fx.Node, first: torch.fx.Node | None, in
         if _per_sample_shape(values.get(node)) is not None:
             second = _second_difference(values[node])
             if second > step_tolerance(values[node].dtype):
+                measured = f", defect {defect:.1e})" if math.isfinite(defect) else ")"
                 kind, why = "nonlinear", (f"its output is not affine in its input (measured second difference "
-                                          f"{second:.1e}" + (f", defect {defect:.1e})" if math.isfinite(defect) else ")"))
+                                          f"{second:.1e}" + measured)
         stop = _Stop(node, kind, why)
         break
     else:
@@ -593,7 +594,7 @@ def _analysis_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         return model
     try:
         return copy.deepcopy(model).to(torch.float64).eval()
-    except Exception:  # noqa: BLE001 - an uncopyable model is analysed in its own precision
+    except Exception:
         return model
 
 

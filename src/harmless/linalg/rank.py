@@ -207,8 +207,8 @@ def _core_rank(core: TorchLinearOperator, dense_limit: int) -> tuple[int, list[s
     if core.injective:
         return core.n, ["an injective map (an embedding)"]
     if isinstance(core, ConvOperator) and conv_windows_disjoint(core):
-        r = patchwise_conv_rank(core)  # exact and nearly free
-        return r.rank, r.notes
+        blocks = patchwise_conv_rank(core)  # exact and nearly free
+        return blocks.rank, blocks.notes
     if isinstance(core, TokenwiseMatrixOperator) and core.matrix.numel() <= dense_limit:
         w = core.matrix.detach().to("cpu", torch.float64).numpy()
         sv = scipy.linalg.svd(w, compute_uv=False, lapack_driver="gesdd", check_finite=False)
@@ -248,8 +248,8 @@ def patchwise_conv_rank(op: ConvOperator) -> RankResult:
     kshape = op.kernel_size
     per_dim = _window_taps(op)
     # Count output positions by the set of valid taps along each dimension.
-    from collections import Counter
     import itertools
+    from collections import Counter
 
     counts: Counter[tuple[tuple[int, ...], ...]] = Counter()
     for combo in itertools.product(*[[taps for _, taps in rows] for rows in per_dim]):
@@ -271,7 +271,7 @@ def patchwise_conv_rank(op: ConvOperator) -> RankResult:
 
 def _pixels_covered(op: ConvOperator) -> bool:
     for i, rows in enumerate(_window_taps(op)):
-        seen = set()
+        seen: set[int] = set()
         for o, taps in rows:
             seen.update(o * op.stride[i] - op._pad_lr[i][0] + t * op.dilation[i] for t in taps)
         if len(seen) < op.in_shape[1 + i]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from harmless.errors import TooLargeError
+from harmless.linalg.operators import TorchLinearOperator
 from harmless.linalg.prefix import LinearRun, linear_layers, linear_run
 from harmless.linalg.rank import analyze_rank
 
@@ -39,15 +40,17 @@ class LayerRow:
         return asdict(self)
 
 
-def _row(name: str, kind: str, op: torch.nn.Module | object, input_level: bool) -> LayerRow:
-    n, m = op.n, op.m  # type: ignore[attr-defined]
+def _row(name: str, kind: str, op: TorchLinearOperator, input_level: bool) -> LayerRow:
+    n, m = op.n, op.m
+    rank: int | None
+    dim: int | None
     try:
         info = analyze_rank(op, method="auto", dense_limit=REPORT_DENSE_LIMIT, gram_limit=REPORT_GRAM_LIMIT,
-                            bases=False)  # type: ignore[arg-type]
+                            bases=False)
         rank, dim, method = info.rank, info.dim, info.method
     except TooLargeError:
         rank, dim, method = None, None, "too large"
-    return LayerRow(name=name, kind=kind, in_shape=op.in_shape, out_shape=op.out_shape,  # type: ignore[attr-defined]
+    return LayerRow(name=name, kind=kind, in_shape=op.in_shape, out_shape=op.out_shape,
                     input_dim=n, output_dim=m, rank=rank, harmless_dim=dim, harmless_dim_lower=max(0, n - m),
                     method=method, input_level=input_level)
 
@@ -79,7 +82,8 @@ def headline(row: LayerRow, run: LinearRun) -> str:
         return (f"dim >= {row.harmless_dim} of {n}: every change in it is harmless, but the run stopped early "
                 f"({where}), so the true subspace may be larger")
     if run.complete:
-        return f"dim 0 of {n}: the linear prefix is injective (see harmless.least_harmful for the least harmful directions)"
+        return (f"dim 0 of {n}: the linear prefix is injective (see harmless.least_harmful for the least harmful "
+                "directions)")
     return (f"none found (dim >= 0 of {n}): the run stopped early ({where}); this does not show that the model is "
             "injective")
 
@@ -117,7 +121,8 @@ def format_dim(row: LayerRow) -> str:
 
 def markdown_table(prefix: LayerRow, rows: list[LayerRow]) -> str:
     """The report as a markdown table."""
-    head = "| layer | kind | input shape | n | m | rank | harmless dim | method |\n|---|---|---|---:|---:|---:|---:|---|\n"
+    head = ("| layer | kind | input shape | n | m | rank | harmless dim | method |\n"
+            "|---|---|---|---:|---:|---:|---:|---|\n")
     lines = []
     for r in [prefix, *rows]:
         rank = "?" if r.rank is None else str(r.rank)

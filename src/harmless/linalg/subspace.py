@@ -181,10 +181,11 @@ class HarmlessSubspace:
         with ``V`` the orthonormal row basis of the small weight, exact at any number of tokens."""
         factors = self.operator.factors if isinstance(self.operator, ComposedOperator) else [self.operator]
         i = next((k for k, f in enumerate(factors) if not f.orthogonal), None)
-        if i is None or not isinstance(factors[i], TokenwiseMatrixOperator) or \
+        core = factors[i] if i is not None else None
+        if i is None or not isinstance(core, TokenwiseMatrixOperator) or \
                 not all(f.injective for f in factors[i + 1:]):
             return None
-        w = factors[i].matrix.detach().to("cpu", torch.float64).numpy()
+        w = core.matrix.detach().to("cpu", torch.float64).numpy()
         _, sv, vt = scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd", check_finite=False)
         v = torch.as_tensor(np.ascontiguousarray(vt[:svd_rank(sv, *w.shape)]), dtype=self.dtype,
                             device=self.operator.device)
@@ -335,7 +336,8 @@ class HarmlessSubspace:
 
     def _injective_message(self) -> str:
         if self.dim_is_lower_bound and self.run is not None:
-            return (f"the linear run found ({self.output_dim} outputs from {self.ambient_dim} inputs, rank {self.rank}) "
+            return (f"the linear run found ({self.output_dim} outputs from {self.ambient_dim} inputs, "
+                    f"rank {self.rank}) "
                     f"is injective, but it stopped before the model's linear prefix ended ({self.run.stop_kind} at "
                     f"{self.run.stopped_at}: {self.run.stop_reason}): the model may have harmless perturbations "
                     "that this analysis cannot see")

@@ -38,7 +38,7 @@ from harmless.models.train import (
     train_loop,
     train_zoo_model,
 )
-from harmless.models.zoo import LeNet, MLP5, ResNet, VGG, first_layer, resnet18, resnet50, vgg16
+from harmless.models.zoo import MLP5, VGG, LeNet, ResNet, first_layer, resnet18, resnet50, vgg16
 
 __all__ = [
     "DATASETS",

@@ -152,7 +152,7 @@ def load_checkpoint(spec: str | ModelSpec, seed: int = 0) -> tuple[nn.Module, di
         state = load_file(str(weights_path), device="cpu")
         model = build_model(ms, seed=0)  # leaves the global RNG alone
         model.load_state_dict(state, strict=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means "do not use it"
+    except Exception as exc:
         reject(f"its weights do not load ({type(exc).__name__}: {str(exc).splitlines()[0]})")
         return None
     return model.eval(), meta

@@ -100,7 +100,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
         try:
             return load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as exc:
             raise ModelSpecError(f"cannot read {path} as safetensors: {exc}") from exc
     try:
         with warnings.catch_warnings():
@@ -114,7 +114,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             f"(torch.load weights_only=True) and .safetensors files: re-save with "
             f"torch.save(model.state_dict(), ...)"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, ...
+    except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelSpecError(f"cannot read weights file {path}: {first}") from exc
     return _unwrap_state_dict(obj, str(path))
@@ -201,7 +201,7 @@ def _load_torchscript(path: Path) -> nn.Module:
             # torch >= 2.10 deprecates TorchScript; loading still works and is what we want.
             warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
             return torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and friends
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelSpecError(f"cannot load TorchScript archive {path}: {first}") from exc
 
@@ -223,7 +223,7 @@ def _import_module(name: str) -> Any:
             raise ModelSpecError(f"cannot import module {name!r}: {exc2}") from exc2
         finally:
             sys.path.remove(cwd)
-    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+    except Exception as exc:
         raise ModelSpecError(f"importing {name} failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -239,7 +239,7 @@ def _load_factory(spec: str) -> nn.Module:
         raise ModelSpecError(f"{spec} is not callable (a factory returning an nn.Module)")
     try:
         model = obj()
-    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+    except Exception as exc:
         raise ModelSpecError(f"calling {spec}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
