@@ -61,7 +61,7 @@ def measure(spec: str, images: int, *, samples: int = 4, seed: int = 0) -> Model
     gen = torch.Generator().manual_seed(seed)
     dims = np.zeros((len(x), len(net.steps)), dtype=np.int64)
     result = ModelResult(spec, net.layer_names, [s.kind for s in net.steps], dims, h0.dim, net.n,
-                         tm.meta.get("weights_sha256") if tm.meta else None, tm.test_accuracy)
+                         _checksum(tm), tm.test_accuracy)
     for i, sample in enumerate(x):
         pieces = net.all_pieces(sample)
         dims[i] = [p.dim for p in pieces]
@@ -79,6 +79,17 @@ def measure(spec: str, images: int, *, samples: int = 4, seed: int = 0) -> Model
         result.extents.append(t / float(sample.norm()))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _checksum(tm: object) -> str | None:
+    """The checkpoint's SHA-256 from its sidecar, else of its file (a model trained just now)."""
+    from harmless.cache import sha256_file
+
+    meta = getattr(tm, "meta", None) or {}
+    if meta.get("weights_sha256"):
+        return str(meta["weights_sha256"])
+    path = getattr(tm, "checkpoint", None)
+    return sha256_file(path) if path is not None and Path(path).exists() else None
 
 
 def _table(r: ModelResult) -> str:
