@@ -433,3 +433,15 @@ def test_bad_input():
     with pytest.warns(TrainingModeWarning):
         ReluNetwork(training, (6,))
     assert training.training  # the caller's model keeps its mode
+
+
+@pytest.mark.slow
+def test_lemma1_measurement_on_mlp5():
+    # Trains mlp5:mnist on first use (minutes on a busy machine); then a few seconds.
+    from harmless.experiments.lemma1 import measure
+
+    r = measure("mlp5:mnist", 3, samples=2)
+    fc1 = r.layers.index("fc1")
+    assert (r.dims[:, fc1] == 528).all() and r.h0_dim == 528
+    assert (np.diff(r.dims, axis=1) >= 0).all()  # P^(l) ⊆ P^(l+1)
+    assert max(r.output_change) < 1e-12 and min(r.outside_h0) > 0.1
