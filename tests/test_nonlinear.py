@@ -14,9 +14,7 @@ Oracles, all independent of the code under test:
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -344,7 +344,8 @@ def _eval_copy(layer: nn.Module, *, warn: bool = True) -> nn.Module:
     return copy.deepcopy(layer).eval()
 
 
-def _linear_space(layer: nn.Module | TorchLinearOperator, shape: Shape, dtype: torch.dtype) -> harmless.HarmlessSubspace:
+def _linear_space(layer: nn.Module | TorchLinearOperator, shape: Shape,
+                  dtype: torch.dtype) -> harmless.HarmlessSubspace:
     return harmless.harmless_subspace(layer, shape, dtype=dtype)
 
 
