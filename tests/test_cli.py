@@ -56,6 +56,7 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str], argv: l
     assert out == "" and "usage: harmless" in err
 
 
+@pytest.mark.integration
 def test_console_script_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-m", "harmless.cli", "--version"], capture_output=True, text=True,
                           timeout=120)
@@ -167,6 +168,7 @@ def test_analyze_with_weights_file(capsys: pytest.CaptureFixture[str], tmp_path,
     assert report["input_level"]["harmless_dim"] == 3
 
 
+@pytest.mark.integration
 def test_analyze_zoo_untrained_table(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "analyze", "resnet18:stem_stride=8", "--layer", "stem.conv")
     assert code == 0
@@ -302,6 +304,8 @@ FACTORY = (
     "def model_b():\n    return _mlp(1)\n")
 
 
+@pytest.mark.network
+@pytest.mark.integration
 def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFixture[str], tmp_path,
                                                         monkeypatch) -> None:
     (tmp_path / "fpmodels.py").write_text(FACTORY)
@@ -324,6 +328,8 @@ def test_fingerprint_create_verify_and_refuse_overwrite(capsys: pytest.CaptureFi
     assert fp.read_bytes() == before
 
 
+@pytest.mark.network
+@pytest.mark.integration
 def test_fingerprint_create_out_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path,
                                                monkeypatch) -> None:
     (tmp_path / "fpmodels4.py").write_text(FACTORY)
@@ -352,6 +358,8 @@ def test_model_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path)
     assert "is a directory" in one_error_line(err)
 
 
+@pytest.mark.network
+@pytest.mark.integration
 def test_fingerprint_verify_rejects_a_tampered_file(capsys: pytest.CaptureFixture[str], tmp_path,
                                                     monkeypatch) -> None:
     (tmp_path / "fpmodels2.py").write_text(FACTORY)
@@ -377,6 +385,7 @@ def _write_pngs(folder, count: int, size: int = 28, mode: str = "L") -> None:
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"img{i}.png")
 
 
+@pytest.mark.integration
 def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
         capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     from harmless.privacy.job import load_privatized, read_image
@@ -417,6 +426,7 @@ def test_privatize_writes_exact_results_resumes_and_never_overwrites_inputs(
     assert (tmp_path / "in" / "img0.privatized.png").read_bytes() == b"precious"
 
 
+@pytest.mark.integration
 def test_privatize_resume_keeps_metrics_and_refuses_another_method(
         capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "pvmodels5.py").write_text(FACTORY)
@@ -445,6 +455,7 @@ def test_privatize_resume_keeps_metrics_and_refuses_another_method(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.integration
 def test_privatize_input_folder_as_out_twice(capsys: pytest.CaptureFixture[str], tmp_path,
                                              monkeypatch) -> None:
     (tmp_path / "pvmodels6.py").write_text(FACTORY)
@@ -464,6 +475,7 @@ def test_privatize_input_folder_as_out_twice(capsys: pytest.CaptureFixture[str],
 
 @pytest.mark.parametrize("extra, words", [(["--batch-size", "0"], "batch_size"), (["--batch-size", "-3"], "batch_size"),
                                           (["--out-is-a-file"], "is an existing file")])
+@pytest.mark.integration
 def test_privatize_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, extra: list[str],
                                  words: str) -> None:
     (tmp_path / "pvmodels7.py").write_text(FACTORY)
@@ -480,6 +492,7 @@ def test_privatize_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path, m
     assert out.read_bytes() == b"a user's file" if out.exists() else True
 
 
+@pytest.mark.integration
 def test_read_image_gives_no_numpy_warning(tmp_path) -> None:
     # PyTorch warns once per process, so only a fresh process can tell whether it would.
     _write_pngs(tmp_path / "gray", 1)
@@ -495,6 +508,7 @@ def test_read_image_gives_no_numpy_warning(tmp_path) -> None:
 @pytest.mark.parametrize("mode, suffix, words", [("CMYK", ".jpg", "a CMYK image (converted to RGB"),
                                                  ("RGBA", ".png", "an RGBA image (converted to RGB"),
                                                  ("RGB", ".png", "an RGB image (RGB")])
+@pytest.mark.integration
 def test_privatize_describes_image_modes(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, mode: str,
                                          suffix: str, words: str) -> None:
     from PIL import Image
@@ -510,6 +524,7 @@ def test_privatize_describes_image_modes(capsys: pytest.CaptureFixture[str], tmp
     assert words in line and "expects grayscale" in line
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("size, mode, words", [(32, "L", "expects 28x28"), (28, "RGB", "expects grayscale")])
 def test_privatize_bad_images(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch, size: int, mode: str,
                               words: str) -> None:
@@ -521,6 +536,7 @@ def test_privatize_bad_images(capsys: pytest.CaptureFixture[str], tmp_path, monk
     assert code == EXIT_USER_ERROR and words in one_error_line(err)
 
 
+@pytest.mark.integration
 def test_privatize_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     (tmp_path / "pvmodels3.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -539,6 +555,7 @@ PATCHIFY = (
     "def overlapping():\n    return model(6)\n")
 
 
+@pytest.mark.integration
 def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch) -> None:
     from harmless.privacy.job import load_privatized, read_image
 

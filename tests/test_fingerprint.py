@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from harmless.errors import NoHarmlessSubspaceError
-from harmless.experiments.fig5 import permute_fc1
 from harmless.fingerprint import (
     FORMAT_VERSION,
     Fingerprint,
@@ -62,8 +61,15 @@ def fp(mlp, probes):
 
 
 def _permuted(model: nn.Module, seed: int = 3) -> nn.Module:
-    """fc1's hidden units permuted (rows + bias) and fc2's columns to match: same function."""
-    return permute_fc1(model, seed=seed)
+    """fc1's hidden units permuted (rows + bias) and fc2's columns to match: same function.
+    (Written here, not imported from the experiments: tests stand on the library alone.)"""
+    m = copy.deepcopy(model)
+    perm = torch.randperm(m.fc1.out_features, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        m.fc1.weight.copy_(m.fc1.weight[perm])
+        m.fc1.bias.copy_(m.fc1.bias[perm])
+        m.fc2.weight.copy_(m.fc2.weight[:, perm])
+    return m.eval()
 
 
 def _tiny(w1: torch.Tensor, seed: int = 0) -> nn.Module:

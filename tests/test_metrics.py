@@ -35,9 +35,19 @@ def test_metric_bad_input():
 
 def test_delta_accuracy():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double().eval()
-    x = torch.rand(10, 1, 2, 2, dtype=torch.float64)
-    y = model(x).argmax(1)
+    x = torch.rand(10, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)  # 100 % accurate on x by construction
     assert delta_accuracy(model, x, x.clone(), y) == 0.0
+    # Move 3 images across the decision boundary: exactly 30 % of the accuracy is lost.
+    w = model[1].weight.detach()
+    normal = (w[0] - w[1]).reshape(1, 1, 2, 2)
+    logits = model(x)
+    margin = (logits[:, 0] - logits[:, 1]).view(-1, 1, 1, 1)
+    x_new = x.clone()
+    x_new[:3] = x[:3] - 2 * margin[:3] * normal / normal.pow(2).sum()
+    assert model(x_new[:3]).argmax(1).ne(y[:3]).all()
+    assert delta_accuracy(model, x, x_new, y) == pytest.approx(0.3)
+    assert delta_accuracy(model, x_new, x, y) == pytest.approx(-0.3)
 
 
 NETS = ["alex", "vgg"]

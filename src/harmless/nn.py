@@ -27,15 +27,13 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_buf: torch.Tensor = self.mean  # type: ignore[assignment]  # registered buffers
-        std_buf: torch.Tensor = self.std  # type: ignore[assignment]
-        torch._assert(x.shape[1] == mean_buf.shape[0], "Normalize: the input's channel count (dim 1) "
+        torch._assert(x.shape[1] == self.mean.shape[0], "Normalize: the input's channel count (dim 1) "
                       "differs from the number of mean/std values")
         # Channels moved last so the per-channel vectors broadcast for any number of
         # spatial axes, without reading x.ndim (keeps the module torch.fx-traceable).
         moved = x.movedim(1, -1)
-        mean, std = mean_buf.to(x.dtype), std_buf.to(x.dtype)
+        mean, std = self.mean.to(x.dtype), self.std.to(x.dtype)
         return ((moved - mean) / std).movedim(-1, 1)
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"  # type: ignore[operator]
+        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
