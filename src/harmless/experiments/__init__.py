@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harmless.errors import InputError
 
-EXPERIMENTS = ("fig2", "table1", "fig3", "fig5", "table2")
+EXPERIMENTS = ("fig2", "table1", "fig3", "fig5", "table2", "lemma1")
 
 
 def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: str | None = None) -> list[Path]:
@@ -29,4 +29,7 @@ def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: s
     if name == "table2":
         from harmless.experiments.table2 import run as run_table2
         return run_table2(out_dir, quick=quick, data_dir=data_dir)
+    if name == "lemma1":
+        from harmless.experiments.lemma1 import run as run_lemma1
+        return run_lemma1(out_dir, quick=quick)
     raise InputError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")

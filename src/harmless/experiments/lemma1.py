@@ -1,7 +1,7 @@
 """Lemma 1 measured: the dimension of the exact convex piece of P^(l) at every layer of MLP-5
 (MNIST, Fashion-MNIST), per test image, and what the piece at the output adds to H^(0).
 
-Run it with ``.venv/bin/python -c "from harmless.experiments.lemma1 import run; run('results')"``
+Run it with ``harmless reproduce lemma1 --out results`` (or ``run('results')`` from Python)
 (``quick=True``: 100 images per data set instead of 1,000). Writes ``lemma1.md`` and
 ``lemma1.png`` into ``out_dir``.
 """
@@ -23,7 +23,7 @@ import harmless
 from harmless.nonlinear import ReluNetwork
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist")
-COMMAND = ".venv/bin/python -c \"from harmless.experiments.lemma1 import run; run('results')\""
+COMMAND = "harmless reproduce lemma1 --out results"
 
 
 @dataclass
