@@ -6,7 +6,7 @@ from torch import nn
 
 from harmless.errors import InputError
 from harmless.nn import Normalize
-from harmless.privacy import privatize_decoy, project_affine_box
+from harmless.privacy import AffineBoxProjector, DecoyPrivatizer
 from harmless.privacy.tiles import tiling
 
 
@@ -53,9 +53,10 @@ def test_tiled_projection_equals_the_whole_image_projection():
     x[:, :, :4] = 0.0  # a black band, as in real photos' shadows: pinned pixels
     x0 = x.clone()
     target = torch.rand(3, *shape, generator=gen, dtype=torch.float64) * 1.4 - 0.2
-    whole, info_whole = project_affine_box(t.whole, x, target)
-    tiled, info_tiles = project_affine_box(t.part, t.split(x), t.split(target))
-    tiled = t.merge(tiled)
+    project = AffineBoxProjector()
+    whole_result, tiled_result = project(t.whole, x, target), project(t.part, t.split(x), t.split(target))
+    whole, info_whole = whole_result.y, whole_result.info
+    tiled, info_tiles = t.merge(tiled_result.y), tiled_result.info
     assert torch.equal(x, x0)
     bound = (info_tiles.distance_bound ** 2).reshape(3, -1).sum(1).sqrt() + info_whole.distance_bound
     assert float((tiled - whole).flatten(1).norm(dim=1).sub(bound).max()) <= 1e-6
@@ -69,7 +70,7 @@ def test_tiled_privatisation_is_harmless_for_the_whole_model():
     model = _ready(_stem_model(tile, channels=64), shape)
     t = tiling(model, shape, tile)
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    r = privatize_decoy(t.part, t.split(x), "grey")
+    r = DecoyPrivatizer(decoy="grey")(t.part, t.split(x))
     x_hat = t.merge(r.x_hat)
     assert float(r.mse.mean()) > 1e-3  # it does move the images
     assert float(t.whole.harmful_residual(x_hat - x).max()) <= 1e-12

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,18 +17,21 @@ from torch import nn
 from harmless.experiments.common import (
     EPSILON,
     MULTIPLIERS,
+    accuracy,
+    batched_outputs,
     fmt,
     gaussian,
     harmless_perturbation,
     least_harmful_perturbation,
     output_rmse,
-    accuracy,
-    batched_outputs,
     rms_scale,
     save_figure,
 )
 from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
 from harmless.plotting import show_image
+
+if TYPE_CHECKING:
+    from harmless.privacy import PrivacyProblem
 
 SPEC = "mlp5:mnist"
 #: The model of the privacy part: on MNIST most pixels sit exactly at 0 and may not go below it
@@ -141,6 +146,14 @@ class PrivacyCase:
     x: torch.Tensor
     methods: tuple[str, ...]
 
+    @cached_property
+    def problem(self) -> PrivacyProblem:
+        """The dense data of ``space`` the privacy solvers need, made once for all the case's
+        methods and its attack."""
+        from harmless.privacy import PrivacyProblem
+
+        return PrivacyProblem(self.space)
+
 
 @dataclass
 class PrivacyRow:
@@ -186,18 +199,20 @@ def privatize_case(case: PrivacyCase, method: str, *, paper_steps: int = 300, us
     total-variation attack, or ``attack`` when the caller has it already (it depends only on the
     set of same-output images, the same for every method)."""
     from harmless.metrics import ssim
-    from harmless.privacy import privatize_decoy, privatize_paper
-    from harmless.privacy.audit import tv_lp_attack
+    from harmless.privacy import DecoyPrivatizer, PaperPrivatizer, PrivatizeResult
+    from harmless.privacy.audit import TVLPAttack
 
+    problem = case.problem
     if method == "paper":
-        res = privatize_paper(case.space, case.x, steps=paper_steps, generator=torch.Generator().manual_seed(0))
+        res: PrivatizeResult = PaperPrivatizer(steps=paper_steps)(problem, case.x,
+                                                                 generator=torch.Generator().manual_seed(0))
     elif method == "decoy":
-        res = privatize_decoy(case.space, case.x, "grey")
+        res = DecoyPrivatizer(decoy="grey")(problem, case.x)
     else:
         raise ValueError(f"unknown method {method!r}")
     x_hat = res.x_hat.to(case.x.dtype)
     if attack is None:
-        attack = tv_lp_attack(case.space, x_hat)
+        attack = TVLPAttack()(problem, x_hat).x_rec
     with torch.no_grad():
         out, out_hat = case.model(case.x), case.model(x_hat)
     return PrivacyRow(

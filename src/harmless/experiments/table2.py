@@ -85,18 +85,18 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     on the first so many images. Returns the method rows, the audit rows and the images."""
     import harmless
     from harmless import metrics
-    from harmless.privacy import make_decoy, privatize_decoy, privatize_paper, projector, quantize_harmless
-    from harmless.privacy.audit import box_attack, min_norm_attack, tv_attack, tv_lp_attack
+    from harmless.privacy import DecoyPrivatizer, PaperPrivatizer, PrivacyProblem, Quantizer, make_decoy
+    from harmless.privacy.audit import BoxAttack, MinNormAttack, TVAttack, TVLPAttack
 
     t0 = time.time()
     if tiles is not None:
         space = tiles.part
     elif space is None:
         space = harmless.harmless_subspace(model, tuple(x.shape[1:]))
-    proj = projector(space)
+    problem = PrivacyProblem(space)  # the dense data, made once for every method and attack below
     split, merge = (tiles.split, tiles.merge) if tiles is not None else (torch.nn.Identity(), torch.nn.Identity())
     per_image = tiles.tiles_per_image if tiles is not None else 1
-    dims = f"{proj.dim * per_image} of {proj.n * per_image}" + (f" ({per_image} tiles)" if tiles is not None else "")
+    dims = f"{problem.dim * per_image} of {problem.n * per_image}" + (f" ({per_image} tiles)" if tiles is not None else "")
     _log(f"{name}: harmless dim {dims} ({time.time() - t0:.0f}s)")
     with torch.no_grad():
         base_pred = model(x).argmax(1)
@@ -111,19 +111,23 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     images: dict[str, torch.Tensor] = {"original": x}
     gen = torch.Generator().manual_seed(0)
     xt = split(x)
+    grey = DecoyPrivatizer(decoy="grey")
     outs = {
-        "harmless (paper, Alg. 1 + exact projection)": lambda: privatize_paper(space, xt, steps=paper_steps, generator=gen),
-        "harmless (decoy: flat grey)": lambda: privatize_decoy(space, xt, "grey"),
-        "harmless (decoy: other image)": lambda: privatize_decoy(space, xt, split(make_decoy("shift", x))),
+        "harmless (paper, Alg. 1 + exact projection)": lambda: PaperPrivatizer(steps=paper_steps)(problem, xt,
+                                                                                               generator=gen),
+        "harmless (decoy: flat grey)": lambda: grey(problem, xt),
+        # every image's decoy is another whole image, cut into tiles like it
+        "harmless (decoy: other image)": lambda: grey(problem, xt, target=split(make_decoy("shift", x))),
     }
+    quantize = Quantizer()
     released = {}
     for label, fn in outs.items():
         t0 = time.time()
         r = fn()
-        info = r.info["projection"]
+        info = r.projection
         xh = merge(r.x_hat)
         released[label] = r.x_hat
-        q = quantize_harmless(space, r.x_hat, xt)
+        q = quantize(problem, r.x_hat, xt)
         images[label] = xh
         with torch.no_grad():
             out_dev = float((model(xh) - model(x)).abs().max())
@@ -145,14 +149,14 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     # x: one run, on the grey-decoy release, serves every method
     t0 = time.time()
     xr = released["harmless (decoy: flat grey)"]
-    attacks = {"min-norm (I−P)x̂": (merge(min_norm_attack(proj, xr)), x.shape[0]),
-               "box: nearest in the set to (I−P)x̂": (merge(box_attack(proj, xr)), x.shape[0])}
+    attacks = {"min-norm (I−P)x̂": (merge(MinNormAttack()(problem, xr).x_rec), x.shape[0]),
+               "box: nearest in the set to (I−P)x̂": (merge(BoxAttack()(problem, xr).x_rec), x.shape[0])}
     if tv_steps:
-        tv = tv_attack(proj, xr, steps=tv_steps, images=None if tiles is None else merge)
-        attacks[f"TV, smoothed (Adam, {tv_steps} steps)"] = (merge(tv), x.shape[0])
+        tv = TVAttack(steps=tv_steps)(problem, xr, images=None if tiles is None else merge)
+        attacks[f"TV, smoothed (Adam, {tv_steps} steps)"] = (merge(tv.x_rec), x.shape[0])
     if tv_lp_images and tiles is None:
         k = min(tv_lp_images, x.shape[0])
-        attacks["TV, exact (LP, HiGHS)"] = (tv_lp_attack(proj, xr[:k]), k)
+        attacks["TV, exact (LP, HiGHS)"] = (TVLPAttack()(problem, xr[:k]).x_rec, k)
     audit_rows = []
     for label, (rec, k) in attacks.items():
         rc = rec.clamp(0, 1)
@@ -173,18 +177,19 @@ def _full_test_set(name: str, model: nn.Module, space: HarmlessSubspace, x: torc
                    batch: int = 1000) -> list[list[str]]:
     """The flat-grey decoy method on a whole test set, in batches: SSIM, LPIPS, Δacc."""
     from harmless import metrics
-    from harmless.privacy import privatize_decoy
+    from harmless.privacy import DecoyPrivatizer
 
     t0 = time.time()
     ssim, lp, box, dev, conv, bound, xh_all = [], [], [], [], [], [], []
+    grey = DecoyPrivatizer(decoy="grey")  # keeps the dense data of space for every batch
     for s in range(0, x.shape[0], batch):
-        r = privatize_decoy(space, x[s:s + batch], "grey")
+        r = grey(space, x[s:s + batch])
         xb = x[s:s + batch]
         ssim.append(metrics.ssim(r.x_hat.clamp(0, 1), xb))
         lp.append(metrics.lpips(r.x_hat.float().clamp(0, 1), xb.float()))
         box.append(float(r.box_violation.max()))
         dev.append(float(r.output_deviation.max()))
-        info = r.info["projection"]
+        info = r.projection
         conv.append(info.converged)
         bound.append(float(info.distance_bound.max()))
         xh_all.append(r.x_hat)
@@ -200,14 +205,14 @@ def _ssim_vs_dim(x: torch.Tensor) -> tuple[list[float], list[float]]:
     """Untrained Flatten->Linear(3072, w) models on CIFAR images, flat-grey decoy."""
     import harmless
     from harmless import metrics
-    from harmless.privacy import privatize_decoy
+    from harmless.privacy import DecoyPrivatizer
 
     fracs, ssims = [], []
     for w in (256, 768, 1536, 2304, 2816):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(3072, w)).double().eval()
         space = harmless.harmless_subspace(model, (3, 32, 32))
-        r = privatize_decoy(space, x, "grey")
+        r = DecoyPrivatizer(decoy="grey")(space, x)
         fracs.append((3072 - space.rank) / 3072)
         ssims.append(float(metrics.ssim(r.x_hat.clamp(0, 1), x).mean()))
         _log(f"ssim vs dim: width {w}: fraction {fracs[-1]:.3f}, SSIM {ssims[-1]:.4f}")

@@ -1,24 +1,32 @@
 """Privacy protection with harmless perturbations: hide an image behind one the model cannot tell
-apart from it (same output, exactly), and audit what an attacker who knows the model recovers."""
+apart from it (same output, exactly), and audit what an attacker who knows the model recovers.
+
+Privatisers (:class:`DecoyPrivatizer`, :class:`PaperPrivatizer`), the projection
+(:class:`AffineBoxProjector`), the 8-bit rounding (:class:`Quantizer`) and the audit attacks
+(:mod:`harmless.privacy.audit`) are configured objects: settings, pixel ``bounds`` included, in the
+constructor, data in the call, a typed result back."""
 
 from __future__ import annotations
 
 from harmless.privacy.core import (
-    Projector,
-    ProjectionInfo,
+    AffineBoxProjector,
+    DecoyPrivatizer,
+    DecoyResult,
+    PaperPrivatizer,
+    PaperResult,
+    Privatizer,
+    PrivatizeResult,
+    ProjectionResult,
+    Quantizer,
     QuantizeResult,
-    Result,
-    box_violation,
     make_decoy,
-    privatize_decoy,
-    privatize_paper,
-    project_affine_box,
-    projector,
-    quantize_harmless,
 )
+from harmless.privacy.problem import Bounds, PrivacyProblem, box_violation
+from harmless.privacy.solver import ProjectionInfo
 from harmless.privacy.tiles import Tiling, tiling
 
 __all__ = [
-    "Projector", "ProjectionInfo", "QuantizeResult", "Result", "box_violation", "make_decoy", "privatize_decoy",
-    "privatize_paper", "project_affine_box", "projector", "quantize_harmless", "Tiling", "tiling",
+    "AffineBoxProjector", "Bounds", "DecoyPrivatizer", "DecoyResult", "PaperPrivatizer", "PaperResult",
+    "PrivacyProblem", "PrivatizeResult", "Privatizer", "ProjectionInfo", "ProjectionResult", "Quantizer",
+    "QuantizeResult", "Tiling", "box_violation", "make_decoy", "tiling",
 ]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text, r
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import save_figure, show_image
-from harmless.privacy.core import _check_positive
+from harmless.privacy.audit import TVAttack
+from harmless.privacy.core import DecoyPrivatizer, PaperPrivatizer, PrivatizeResult, Quantizer, make_decoy
+from harmless.privacy.problem import PrivacyProblem, check_positive
 from harmless.privacy.tiles import Tiling, per_image_norms
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -57,6 +60,7 @@ _METRICS = ("box_violation", "output_deviation", "png_output_deviation_naive", "
             "distance_bound")
 _FIGURE = "side_by_side.png"
 _TILE_CHUNK = 256  # tiles per QP solve in a tiled run: one progress step
+_SHOWN = 6  # images in the side-by-side figure
 
 
 def _own_output(path: Path) -> bool:
@@ -76,7 +80,7 @@ def _read_metadata(exact: Path) -> dict[str, str]:
     try:
         with safe_open(str(exact), framework="pt") as fh:
             return dict(fh.metadata() or {})
-    except Exception:  # noqa: BLE001 - absent, truncated or foreign: not one of ours
+    except Exception:  # absent, truncated or foreign: not one of ours
         return {}
 
 
@@ -113,7 +117,8 @@ def read_image(path: Path, input_shape: Sequence[int]) -> torch.Tensor:
 
 
 # Pillow modes in words, with their article; anything else is named by its Pillow mode.
-_MODE_WORDS = {"1": "a black-and-white", "L": "a grayscale", "P": "a palette", "RGB": "an RGB", "LA": "a grayscale+alpha",
+_MODE_WORDS = {"1": "a black-and-white", "L": "a grayscale", "P": "a palette", "RGB": "an RGB",
+               "LA": "a grayscale+alpha",
                "PA": "a palette+alpha", "RGBA": "an RGBA", "RGBX": "an RGBX", "CMYK": "a CMYK", "YCbCr": "a YCbCr",
                "LAB": "a LAB", "HSV": "an HSV", "I;16": "a 16-bit grayscale", "I": "a 32-bit grayscale"}
 
@@ -144,110 +149,220 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
                     method: str = "decoy", decoy: str = "grey", batch_size: int = 16, progress: bool = True,
                     seed: int = 0) -> Path:
     """Privatise every image in ``inputs`` into ``out_dir``; returns the JSON report's path.
-    ``space`` may be a :class:`~harmless.privacy.tiles.Tiling`: every QP is then solved tile by
-    tile, which is what makes large images (224 px and more) tractable."""
+    ``method``: ``"decoy"`` (:class:`~harmless.privacy.DecoyPrivatizer`; ``decoy``: ``"grey"``,
+    ``"noise"``, ``"shift"`` or an image file) or ``"paper"``
+    (:class:`~harmless.privacy.PaperPrivatizer`). ``space`` may be a
+    :class:`~harmless.privacy.tiles.Tiling`: every QP is then solved tile by tile, which is what
+    makes large images (224 px and more) tractable."""
     from tqdm import tqdm
 
-    from harmless.metrics import ssim
-    from harmless.privacy.audit import tv_attack
-    from harmless.privacy.core import make_decoy, privatize_decoy, privatize_paper, quantize_harmless
+    _check_run(space.whole if isinstance(space, Tiling) else space, method, batch_size)
+    out_dir = require_folder_path(out_dir)
+    sources = _collect_inputs(inputs, out_dir)
+    solver = _BatchSolver.make(space, method, decoy, seed)
+    records, todo = _resume(sources, out_dir, solver.label)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # a tiled run counts tiles (a single 4000x4000 image is 10^5 tiles and many minutes); the bar
+    # shows on a terminal only
+    bar = tqdm(total=len(todo) * solver.per_image, desc="privatize", unit="tile" if solver.tiles else "image",
+               disable=not progress or None)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        x = torch.stack([read_image(p, solver.whole.input_shape) for p in batch]).to(solver.part.dtype)
+        solved = solver.solve(x, bar.update)
+        records += [_write_outputs(src, out_dir, solved, i, solver.label) for i, src in enumerate(batch)]
+        if len(shown) < _SHOWN:
+            shown += solver.figure_rows(x, solved.x_hat, _SHOWN - len(shown))
+    bar.close()
+    order = {p.stem: i for i, p in enumerate(sources)}
+    records.sort(key=lambda r: order[Path(r.source).stem])  # in input order, resumed or not
+    json_path = _write_report(out_dir, records, solver, method, decoy)
+    if shown:
+        _figure(shown, out_dir / _FIGURE)
+    return json_path
 
-    tiles = space if isinstance(space, Tiling) else None
-    if tiles is not None:
-        space, whole = tiles.part, tiles.whole
-        split, merge, per_image = tiles.split, tiles.merge, tiles.tiles_per_image
-    else:
-        whole, per_image = space, 1
-        split = merge = torch.nn.Identity()
 
+# ---------------------------------------------------------------------------------------------
+# Settings, inputs and resuming.
+
+
+def _check_run(whole: HarmlessSubspace, method: str, batch_size: object) -> None:
+    """The settings of a run, checked before any file is read."""
     if method not in ("paper", "decoy"):
         raise InputError(f"method must be 'paper' or 'decoy', got {method!r}")
-    _check_positive(batch_size, "batch_size", integer=True)
+    check_positive(batch_size, "batch_size", integer=True)
     if whole.dim == 0:
         raise InputError("the model's linear prefix is injective: there is no harmless perturbation to hide behind")
     if len(whole.input_shape) != 3:
         raise InputError(f"privatize works on images (C, H, W); the model takes {whole.input_shape}")
-    out_dir = require_folder_path(out_dir)
+
+
+def _collect_inputs(inputs: Sequence[str | Path], out_dir: Path) -> list[Path]:
+    """The input images (see :func:`collect_images`), refused when two would write the same
+    outputs or an output would overwrite an input."""
     sources = collect_images(inputs)
-    resolved_inputs = {p.resolve() for p in sources}
     stems = [p.stem for p in sources]
     if len(set(stems)) != len(stems):
         raise InputError("two inputs share a file name stem; their outputs would collide")
+    resolved_inputs = {p.resolve() for p in sources}
     for src in sources:
         for out in _outputs(src, out_dir):
             if out.resolve() in resolved_inputs:
                 raise InputError(f"output {out} would overwrite an input; choose another --out folder")
-    decoy_image: str | torch.Tensor = decoy
-    if method == "decoy" and decoy not in ("grey", "noise", "shift"):
-        decoy_image = read_image(Path(decoy), whole.input_shape).unsqueeze(0)
-    # What each output records as its method; a decoy image is known by its file name.
-    label = "paper" if method == "paper" else "decoy-" + (decoy if isinstance(decoy_image, str)
-                                                          else f"image:{Path(decoy).name}")
+    return sources
 
+
+def _resume(sources: list[Path], out_dir: Path, label: str) -> tuple[list[ImageRecord], list[Path]]:
+    """The records of the images an earlier run finished (their metrics read back from their
+    exact files) and the images still to do. An image finished with another method is refused:
+    mixing methods in one folder would make its report lie about half the images."""
     records: list[ImageRecord] = []
-    todo = [s for s in sources if not all(p.exists() for p in _outputs(s, out_dir))]
+    todo: list[Path] = []
     for src in sources:
-        if src not in todo:
-            exact, png = _outputs(src, out_dir)
-            meta = _read_metadata(exact)
-            if meta.get("method") != label:
-                # Mixing methods in one folder would make its report lie about half the images.
-                raise InputError(f"{exact} was made with {meta.get('method', 'an unknown method')!r}, this run asks "
-                                 f"for {label!r}; use another --out folder (or the earlier method to resume)")
-            records.append(ImageRecord(str(src), str(exact), str(png), "skipped (already done)", label,
-                                       **_stored_metrics(meta)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    # Tiled: every tile is its own QP, so tiles are solved a chunk at a time and the bar counts
-    # them (a single 4000x4000 image is 10^5 tiles and many minutes). It shows on a terminal only.
-    step = _TILE_CHUNK if tiles is not None else None
-    bar = tqdm(total=len(todo) * per_image, desc="privatize", unit="tile" if tiles is not None else "image",
-               disable=not progress or None)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        x = torch.stack([read_image(p, whole.input_shape) for p in batch]).to(space.dtype)
-        xt = split(x)
-        dt = None
-        if method == "decoy":
-            dt = split(make_decoy(decoy_image if isinstance(decoy_image, str) else decoy_image[0], x, generator=gen))
-        parts: list[tuple[torch.Tensor, ...]] = []
-        for c0 in range(0, xt.shape[0], step or xt.shape[0]):
-            xc = xt[c0:c0 + (step or xt.shape[0])]
-            if dt is None:
-                res = privatize_paper(space, xc, generator=gen)
-            else:
-                res = privatize_decoy(space, xc, dt[c0:c0 + xc.shape[0]])
-            quant = quantize_harmless(space, res.x_hat, xc)
-            parts.append((res.x_hat, quant.improved, res.box_violation, res.output_deviation, quant.naive_deviation,
-                          quant.improved_deviation, res.info["projection"].distance_bound))
-            bar.update(xc.shape[0] if tiles is not None else len(batch))
-        hat_t, q_t, box_t, dev_t, naive_t, qdev_t, bound_t = (torch.cat(v) for v in zip(*parts))
-        x_hat, x_8bit = merge(hat_t), merge(q_t)
-        quality = ssim(x, x_hat)
-        box = box_t.reshape(-1, per_image).amax(1)
-        deviations = [per_image_norms(v, per_image) for v in (dev_t, naive_t, qdev_t, bound_t)]
-        for i, src in enumerate(batch):
-            exact, png = _outputs(src, out_dir)
-            out_dev, naive_dev, png_dev, bound = (float(v[i]) for v in deviations)
-            metrics = dict(zip(_METRICS, (float(box[i]), out_dev, naive_dev, png_dev, float(quality[i]), bound)))
-            # the PNG first: the exact file (with the method and metrics) marks the image as done
-            atomic_write_bytes(png, _png_bytes(x_8bit[i]))
-            with atomic_path(exact) as tmp:
-                save_file({"x_hat": x_hat[i].contiguous(), "x_hat_8bit": x_8bit[i].contiguous()},
-                          str(tmp), metadata={"source": src.name, "method": label, "metrics": json.dumps(metrics)})
-            records.append(ImageRecord(str(src), str(exact), str(png), "privatised", label, **metrics))
-        if len(shown) < 6:
-            take = min(6 - len(shown), len(batch))
-            recon = merge(tv_attack(space, split(x_hat[:take]), images=None if tiles is None else merge))
-            shown += [(x[i], x_hat[i], recon[i]) for i in range(take)]
-    bar.close()
-    order = {stem: i for i, stem in enumerate(stems)}
-    records.sort(key=lambda r: order[Path(r.source).stem])  # in input order, resumed or not
+        exact, png = _outputs(src, out_dir)
+        if not (exact.exists() and png.exists()):
+            todo.append(src)
+            continue
+        meta = _read_metadata(exact)
+        if meta.get("method") != label:
+            raise InputError(f"{exact} was made with {meta.get('method', 'an unknown method')!r}, this run asks "
+                             f"for {label!r}; use another --out folder (or the earlier method to resume)")
+        records.append(ImageRecord(str(src), str(exact), str(png), "skipped (already done)", label,
+                                   **_stored_metrics(meta)))
+    return records, todo
 
-    report = {"method": method, "label": label, "decoy": decoy if method == "decoy" else None,
-              "input_shape": list(whole.input_shape), "harmless_dim": whole.dim, "tile": tiles.tile if tiles is not None else None,
-              "images": [asdict(r) for r in records]}
+
+# ---------------------------------------------------------------------------------------------
+# The per-batch solve.
+
+
+@dataclass
+class _Solved:
+    """One batch, privatised: whole images ``x_hat`` (float64) and ``x_8bit``, and per image the
+    values of :data:`_METRICS`."""
+
+    x_hat: torch.Tensor
+    x_8bit: torch.Tensor
+    metrics: list[dict[str, float]]
+
+
+@dataclass
+class _BatchSolver:
+    """Everything a run needs to privatise a batch of whole images: the privatiser, the 8-bit
+    rounding and the attack for the figure (configured once), the dense data of the subspace
+    they solve on (made once for the run), and, for a tiled run, how images split into tiles."""
+
+    part: HarmlessSubspace  # the subspace every QP is solved on: the image's, or one tile's
+    whole: HarmlessSubspace
+    tiles: Tiling | None
+    privatizer: PaperPrivatizer | DecoyPrivatizer
+    decoy: str | torch.Tensor | None  # what decoy targets are made from (None: the paper's method)
+    label: str  # what each output records as its method
+    generator: torch.Generator
+    quantizer: Quantizer = field(default_factory=Quantizer)
+    figure_attack: TVAttack = field(default_factory=TVAttack)
+
+    @classmethod
+    def make(cls, space: HarmlessSubspace | Tiling, method: str, decoy: str, seed: int) -> _BatchSolver:
+        """The solver of a run whose settings :func:`_check_run` accepted."""
+        if isinstance(space, Tiling):
+            tiles: Tiling | None = space
+            part, whole = space.part, space.whole
+        else:
+            tiles, part, whole = None, space, space
+        kind: str | torch.Tensor | None = None
+        if method == "paper":
+            privatizer: PaperPrivatizer | DecoyPrivatizer = PaperPrivatizer()
+            label = "paper"
+        else:
+            # a decoy image is read at the model's input size and known by its file name
+            kind = decoy if decoy in ("grey", "noise", "shift") else read_image(Path(decoy), whole.input_shape)
+            privatizer = DecoyPrivatizer()
+            label = "decoy-" + (decoy if isinstance(kind, str) else f"image:{Path(decoy).name}")
+        return cls(part, whole, tiles, privatizer, kind, label, torch.Generator().manual_seed(seed))
+
+    @cached_property
+    def problem(self) -> PrivacyProblem:
+        """The dense data every solve of the run shares, made on the first batch (a resumed run
+        with nothing left to do never needs them)."""
+        return PrivacyProblem(self.part)
+
+    @property
+    def per_image(self) -> int:
+        return self.tiles.tiles_per_image if self.tiles is not None else 1
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tiles.split(x) if self.tiles is not None else x
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tiles.merge(x) if self.tiles is not None else x
+
+    def solve(self, x: torch.Tensor, progress: Callable[[int], object]) -> _Solved:
+        """Privatise and round the whole images ``x``; ``progress(k)`` after every ``k`` images
+        (tiles, in a tiled run) are done."""
+        from harmless.metrics import ssim
+
+        xt = self.split(x)
+        # decoys are made on the whole images ('shift' and 'noise' are about images, not tiles),
+        # then cut like them
+        targets = None if self.decoy is None else self.split(make_decoy(self.decoy, x, generator=self.generator))
+        # a tiled run solves a chunk of tiles at a time: one progress step each
+        step = _TILE_CHUNK if self.tiles is not None else xt.shape[0]
+        parts = [self._solve_chunk(xt[c0:c0 + step], None if targets is None else targets[c0:c0 + step], progress,
+                                   x.shape[0]) for c0 in range(0, xt.shape[0], step)]
+        hat_t, q_t, box_t, dev_t, naive_t, qdev_t, bound_t = (torch.cat(v) for v in zip(*parts))
+        x_hat, x_8bit = self.merge(hat_t), self.merge(q_t)
+        quality = ssim(x, x_hat)
+        box = box_t.reshape(-1, self.per_image).amax(1)
+        norms = [per_image_norms(v, self.per_image) for v in (dev_t, naive_t, qdev_t, bound_t)]
+        metrics = [dict(zip(_METRICS, (float(box[i]), *(float(v[i]) for v in norms[:3]), float(quality[i]),
+                                       float(norms[3][i])))) for i in range(x.shape[0])]
+        return _Solved(x_hat, x_8bit, metrics)
+
+    def _solve_chunk(self, xc: torch.Tensor, tc: torch.Tensor | None, progress: Callable[[int], object],
+                     images: int) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.privatizer, DecoyPrivatizer):
+            res: PrivatizeResult = self.privatizer(self.problem, xc, target=tc)
+        else:
+            res = self.privatizer(self.problem, xc, generator=self.generator)
+        quant = self.quantizer(self.problem, res.x_hat, xc)
+        progress(xc.shape[0] if self.tiles is not None else images)
+        return (res.x_hat, quant.improved, res.box_violation, res.output_deviation, quant.naive_deviation,
+                quant.improved_deviation, res.projection.distance_bound)
+
+    def figure_rows(self, x: torch.Tensor, x_hat: torch.Tensor,
+                    want: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(original, privatised, the attacker's TV reconstruction) for the first ``want`` images."""
+        take = min(want, x.shape[0])
+        merge = None if self.tiles is None else self.merge  # the prior ties neighbouring tiles together
+        rec = self.figure_attack(self.problem, self.split(x_hat[:take]), images=merge)
+        recon = self.merge(rec.x_rec)
+        return [(x[i], x_hat[i], recon[i]) for i in range(take)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs and the report.
+
+
+def _write_outputs(src: Path, out_dir: Path, solved: _Solved, i: int, label: str) -> ImageRecord:
+    """The PNG and the exact file of image ``i`` of a solved batch, each written atomically; the
+    PNG first: the exact file (with the method and metrics) marks the image as done."""
+    exact, png = _outputs(src, out_dir)
+    metrics = solved.metrics[i]
+    atomic_write_bytes(png, _png_bytes(solved.x_8bit[i]))
+    with atomic_path(exact) as tmp:
+        save_file({"x_hat": solved.x_hat[i].contiguous(), "x_hat_8bit": solved.x_8bit[i].contiguous()},
+                  str(tmp), metadata={"source": src.name, "method": label, "metrics": json.dumps(metrics)})
+    return ImageRecord(str(src), str(exact), str(png), "privatised", label, **metrics)
+
+
+def _write_report(out_dir: Path, records: list[ImageRecord], solver: _BatchSolver, method: str, decoy: str) -> Path:
+    """``report.json`` and ``report.md`` in ``out_dir``; returns the JSON's path."""
+    whole, tiles = solver.whole, solver.tiles
+    report = {"method": method, "label": solver.label, "decoy": decoy if method == "decoy" else None,
+              "input_shape": list(whole.input_shape), "harmless_dim": whole.dim,
+              "tile": tiles.tile if tiles is not None else None, "images": [asdict(r) for r in records]}
     json_path = atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     lines = ["# harmless privatize report", "",
              f"method: {method}" + (f" (decoy: {decoy})" if method == "decoy" else "")
@@ -256,17 +371,18 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
              "| image | status | max box violation | ‖A(x̂−x)‖ | 8-bit ‖A(q−x)‖ naive → ours | SSIM to original "
              "| certified ‖x̂−x̂*‖ |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for r in records:
-        if not math.isnan(r.ssim):
-            lines.append(f"| {Path(r.source).name} | {r.status} | {r.box_violation:.1e} | {r.output_deviation:.1e} | "
-                         f"{r.png_output_deviation_naive:.2e} → {r.png_output_deviation:.2e} | {r.ssim:.3f} | "
-                         f"{r.distance_bound:.1e} |")
-        else:
-            lines.append(f"| {Path(r.source).name} | {r.status} | | | | | |")
+    lines += [_report_row(r) for r in records]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
-    if shown:
-        _figure(shown, out_dir / _FIGURE)
     return json_path
+
+
+def _report_row(r: ImageRecord) -> str:
+    """One image's row of ``report.md`` (blank metrics where an earlier run stored none)."""
+    if math.isnan(r.ssim):
+        return f"| {Path(r.source).name} | {r.status} | | | | | |"
+    return (f"| {Path(r.source).name} | {r.status} | {r.box_violation:.1e} | {r.output_deviation:.1e} | "
+            f"{r.png_output_deviation_naive:.2e} → {r.png_output_deviation:.2e} | {r.ssim:.3f} | "
+            f"{r.distance_bound:.1e} |")
 
 
 def _figure(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path) -> None:
