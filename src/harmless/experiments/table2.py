@@ -19,7 +19,7 @@ exact projection onto ``{x + N(A)} ∩ [0,1]^n``), ``decoy-grey`` / ``decoy-shif
 formulation, nearest feasible image to a flat grey image / to another image of the batch), and
 Gaussian ``N(0, 0.1^2)`` noise clipped to ``[0, 1]``. Attacker columns: SSIM of each attack's
 reconstruction (:mod:`harmless.privacy.audit`) to the original. 8-bit: accuracy change after
-naive rounding and after greedy flips (:func:`harmless.privacy.quantize_harmless`).
+naive rounding and after greedy flips (:class:`harmless.privacy.Quantizer`).
 """
 
 from __future__ import annotations
