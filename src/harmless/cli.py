@@ -129,7 +129,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
                                  data_dir=args.data_dir, progress=not args.json)
-    prefix, rows, run = layer_report(model, shape)
+    prefix, rows, run = layer_report(model, shape, progress=None if not args.json else False)
     layer_space = None
     if args.layer:
         layer_space = harmless_subspace(model, shape, layer=args.layer, dtype=torch.float64)

@@ -55,16 +55,26 @@ def _row(name: str, kind: str, op: TorchLinearOperator, input_level: bool) -> La
                     method=method, input_level=input_level)
 
 
-def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64
-                 ) -> tuple[LayerRow, list[LayerRow], LinearRun]:
+def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
+                 progress: bool | None = None) -> tuple[LayerRow, list[LayerRow], LinearRun]:
     """``(prefix row, per-layer rows, the checked linear run)`` for ``model``.
 
     The prefix row is the input-level harmless subspace (the whole model ignores it); the
     per-layer rows are each layer's own H^(l), a subspace of that layer's input features.
+    A deep model's per-layer ranks take minutes: a progress bar shows them (``progress=None``:
+    only on a terminal, tqdm's own check; ``False``: never).
     """
+    from tqdm.auto import tqdm
+
     run = linear_run(model, input_shape, dtype=dtype)
     prefix = _row("linear prefix", "+".join(r.kind for r in run.layers) or "identity", run.operator, True)
-    rows = [_row(rec.name, rec.kind, op, False) for rec, op in linear_layers(model, input_shape, dtype=dtype)]
+    layers = linear_layers(model, input_shape, dtype=dtype)
+    rows = []
+    bar = tqdm(layers, desc="rank per layer", unit="layer", disable=None if progress is None else not progress,
+               leave=False)
+    for rec, op in bar:
+        bar.set_postfix_str(rec.name, refresh=False)
+        rows.append(_row(rec.name, rec.kind, op, False))
     return prefix, rows, run
 
 
