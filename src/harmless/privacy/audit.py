@@ -30,6 +30,7 @@ import torch
 from scipy import sparse
 from scipy.optimize import linprog
 
+from harmless import validation
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.privacy.problem import (
@@ -37,8 +38,6 @@ from harmless.privacy.problem import (
     Configured,
     PrivacyProblem,
     box_violation,
-    check_bounds,
-    check_positive,
     check_solver,
     checked_images,
 )
@@ -94,7 +93,7 @@ class MinNormAttack(AuditAttack):
 
     def __init__(self, *, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x_hat: torch.Tensor) -> Reconstruction:
         problem = self.problem(space)
@@ -111,7 +110,7 @@ class BoxAttack(AuditAttack):
     def __init__(self, *, tol: float = 1e-12, max_iter: int = 100, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
         self.tol, self.max_iter = check_solver(tol, max_iter)
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x_hat: torch.Tensor) -> Reconstruction:
         problem = self.problem(space)
@@ -141,12 +140,11 @@ class TVAttack(AuditAttack):
     def __init__(self, *, steps: int = 200, lr: float = 0.02, penalty: float = 100.0, tol: float = 1e-12,
                  max_iter: int = 100, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
-        check_positive(steps, "steps", integer=True)
-        check_positive(lr, "lr")
-        check_positive(penalty, "penalty")
-        self.steps, self.lr, self.penalty = int(steps), float(lr), float(penalty)
+        self.steps = validation.positive_int(steps, "steps")
+        self.lr = validation.positive_number(lr, "lr")
+        self.penalty = validation.positive_number(penalty, "penalty")
         self.tol, self.max_iter = check_solver(tol, max_iter)
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x_hat: torch.Tensor, *,
                  images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Reconstruction:
@@ -208,7 +206,7 @@ class TVLPAttack(AuditAttack):
         if not isinstance(progress, bool):
             raise InputError(f"progress must be True or False, got {progress!r}")
         self.progress = progress
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x_hat: torch.Tensor) -> Reconstruction:
         from tqdm import tqdm
@@ -280,7 +278,7 @@ class Audit(Configured):
     def __init__(self, attacks: Sequence[AuditAttack] | None = None, *, lpips: bool = True,
                  bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
         if attacks is None:
             attacks = (MinNormAttack(bounds=self.bounds), BoxAttack(bounds=self.bounds), TVAttack(bounds=self.bounds),
                        TVLPAttack(bounds=self.bounds))

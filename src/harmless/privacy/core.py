@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from harmless import validation
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.privacy.problem import (
@@ -36,9 +37,6 @@ from harmless.privacy.problem import (
     Configured,
     PrivacyProblem,
     box_violation,
-    check_bounds,
-    check_generator,
-    check_positive,
     check_solver,
     checked_images,
 )
@@ -77,7 +75,7 @@ class AffineBoxProjector(Configured):
     def __init__(self, *, tol: float = 1e-12, max_iter: int = 100, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
         self.tol, self.max_iter = check_solver(tol, max_iter)
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, anchor: torch.Tensor,
                  target: torch.Tensor) -> ProjectionResult:
@@ -170,19 +168,18 @@ class PaperPrivatizer(Privatizer):
     def __init__(self, *, steps: int = 300, lr: float = 0.05, penalty: float = 10.0, init_scale: float = 0.1,
                  tol: float = 1e-12, max_iter: int = 100, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
-        check_positive(steps, "steps", integer=True)
-        check_positive(lr, "lr")
-        check_positive(penalty, "penalty")
-        check_positive(init_scale, "init_scale")
-        self.steps, self.lr, self.penalty, self.init_scale = int(steps), float(lr), float(penalty), float(init_scale)
+        self.steps = validation.positive_int(steps, "steps")
+        self.lr = validation.positive_number(lr, "lr")
+        self.penalty = validation.positive_number(penalty, "penalty")
+        self.init_scale = validation.positive_number(init_scale, "init_scale")
         self.tol, self.max_iter = check_solver(tol, max_iter)
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x: torch.Tensor, *,
                  generator: torch.Generator | None = None) -> PaperResult:
         problem = self.problem(space)
         xs = checked_images(problem, x, "x", bounds=self.bounds)
-        gen = check_generator(generator)
+        gen = validation.generator(generator)
         if gen is None:
             gen = torch.Generator().manual_seed(0)  # a fixed start, so that calls repeat
         lo, hi = self.bounds
@@ -217,7 +214,7 @@ def make_decoy(kind: str | torch.Tensor, x: torch.Tensor, *, generator: torch.Ge
     """A decoy batch shaped like ``x``: ``"grey"`` (the middle of ``bounds`` everywhere),
     ``"noise"`` (uniform in ``bounds``), ``"shift"`` (the batch rolled by one: every image's decoy
     is another image of the batch), or a tensor (one image broadcast to the batch, or a batch)."""
-    lo, hi = check_bounds(bounds)
+    lo, hi = validation.bounds(bounds)
     if isinstance(kind, torch.Tensor):
         d = kind.detach().to(torch.float64)
         if tuple(d.shape) == tuple(x.shape[1:]):
@@ -261,7 +258,7 @@ class DecoyPrivatizer(Privatizer):
             raise InputError(f"unknown decoy {decoy!r}: use 'grey', 'noise', 'shift' or an image tensor")
         self.decoy: str | torch.Tensor = decoy
         self.tol, self.max_iter = check_solver(tol, max_iter)
-        self.bounds = check_bounds(bounds)
+        self.bounds = validation.bounds(bounds)
 
     @property
     def method(self) -> str:
@@ -272,7 +269,7 @@ class DecoyPrivatizer(Privatizer):
                  generator: torch.Generator | None = None, target: torch.Tensor | None = None) -> DecoyResult:
         problem = self.problem(space)
         xs = checked_images(problem, x, "x", bounds=self.bounds)
-        check_generator(generator)
+        validation.generator(generator)
         t = make_decoy(self.decoy if target is None else target, xs, generator=generator, bounds=self.bounds)
         t = checked_images(problem, t, "decoy")
         b = xs.shape[0]
@@ -308,9 +305,8 @@ class Quantizer(Configured):
 
     def __init__(self, *, max_flips: int = 5000, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
-        check_positive(max_flips, "max_flips", integer=True)
-        self.max_flips = int(max_flips)
-        self.bounds = check_bounds(bounds)
+        self.max_flips = validation.positive_int(max_flips, "max_flips")
+        self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x_hat: torch.Tensor,
                  x: torch.Tensor) -> QuantizeResult:

@@ -27,13 +27,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from harmless import validation
 from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text, require_folder_path
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import save_figure, show_image
 from harmless.privacy.audit import TVAttack
 from harmless.privacy.core import DecoyPrivatizer, PaperPrivatizer, PrivatizeResult, Quantizer, make_decoy
-from harmless.privacy.problem import PrivacyProblem, check_positive
+from harmless.privacy.problem import PrivacyProblem
 from harmless.privacy.tiles import Tiling, per_image_norms
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -191,7 +192,7 @@ def _check_run(whole: HarmlessSubspace, method: str, batch_size: object) -> None
     """The settings of a run, checked before any file is read."""
     if method not in ("paper", "decoy"):
         raise InputError(f"method must be 'paper' or 'decoy', got {method!r}")
-    check_positive(batch_size, "batch_size", integer=True)
+    validation.positive_int(batch_size, "batch_size")
     if whole.dim == 0:
         raise InputError("the model's linear prefix is injective: there is no harmless perturbation to hide behind")
     if len(whole.input_shape) != 3:

@@ -8,23 +8,23 @@ subspace and kept by whoever uses it: pass one problem to many privatisers and a
 each configured object keep its own (:class:`ProblemCache`, weakly keyed by the subspace, so a
 subspace that is dropped takes its dense data with it).
 
-The checks shared by the privatisers, the audit attacks and the job also live here: pixel
-bounds, solver settings and image batches.
+The checks shared by the privatisers and the audit attacks also live here: solver settings and
+image batches in their bounds (scalar settings are checked by :mod:`harmless.validation`).
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from functools import cached_property
 
 import numpy as np
 import torch
 
+from harmless import validation
 from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
 from harmless.linalg.subspace import HarmlessSubspace
 
-__all__ = ["Bounds", "Configured", "PrivacyProblem", "ProblemCache", "box_violation", "check_bounds"]
+__all__ = ["Bounds", "Configured", "PrivacyProblem", "ProblemCache", "box_violation", "check_solver"]
 
 #: Pixel bounds ``(lo, hi)``, ``lo < hi``: the box every privatised image stays in.
 Bounds = tuple[float, float]
@@ -150,48 +150,14 @@ class Configured:
 # Checks.
 
 
-def check_positive(value: object, name: str, *, integer: bool = False) -> None:
-    """A finite number > 0 (an int with ``integer``); NumPy scalars count, bools do not."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if ok and integer:
-        ok = isinstance(value, (int, np.integer))
-    if not ok or not math.isfinite(float(value)) or float(value) <= 0:  # type: ignore[arg-type]
-        raise InputError(f"{name} must be a positive {'int' if integer else 'number'}, got {value!r}")
-
-
 def check_solver(tol: object, max_iter: object) -> tuple[float, int]:
     """The settings of the interior-point projection: ``tol`` > 0, ``max_iter`` a positive int."""
-    check_positive(tol, "tol")
-    check_positive(max_iter, "max_iter", integer=True)
-    return float(tol), int(max_iter)  # type: ignore[arg-type, call-overload]
-
-
-def check_bounds(value: object, name: str = "bounds") -> Bounds:
-    """Pixel bounds as two finite floats ``(lo, hi)`` with ``lo < hi``."""
-    pair: tuple[object, ...] = tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2:
-        raise InputError(f"{name} must be a pair (lo, hi), got {value!r}")
-    numbers = []
-    for v in pair:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(float(v)):
-            raise InputError(f"{name} must be two finite numbers (lo, hi), got {value!r}")
-        numbers.append(float(v))
-    lo, hi = numbers
-    if not lo < hi:
-        raise InputError(f"{name} must satisfy lo < hi, got {value!r}")
-    return lo, hi
+    return validation.positive_number(tol, "tol"), validation.positive_int(max_iter, "max_iter")
 
 
 def format_bounds(bounds: Bounds) -> str:
     """``"[0, 1]"``: the bounds as messages write them."""
     return f"[{bounds[0]:g}, {bounds[1]:g}]"
-
-
-def check_generator(value: object) -> torch.Generator | None:
-    if value is not None and not isinstance(value, torch.Generator):
-        raise InputError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
-    return value
 
 
 def checked_images(problem: PrivacyProblem, x: object, what: str = "x", *,
