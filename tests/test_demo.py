@@ -88,7 +88,8 @@ def test_main_job_quick_privatizes_real_images(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     printed = parse_privacy_table(out)
     assert [(r["data"], r["method"], r["n"]) for r in printed] == [
-        ("Fashion-MNIST", "paper (Alg. 1)", "2"), ("Fashion-MNIST", "decoy (grey)", "2"), ("MNIST", "decoy (grey)", "2")]
+        ("Fashion-MNIST", "paper (Alg. 1)", "2"), ("Fashion-MNIST", "decoy (grey)", "2"),
+        ("MNIST", "decoy (grey)", "2")]
     check_rows(printed)
     assert (tmp_path / "harmless_mnist.png").stat().st_size > 10_000
     assert (tmp_path / "privatize_fashion.png").stat().st_size > 10_000

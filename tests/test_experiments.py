@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -71,7 +70,7 @@ def test_brute_force_rank_oracle_matches_numpy_on_a_known_rank() -> None:
 
 
 @pytest.mark.slow
-def test_main_job_quick(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+def test_main_job_quick(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     from harmless.cli import main
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
