@@ -15,5 +15,7 @@ from harmless.attacks.base import Attack, AttackResult
 from harmless.attacks.cw import CarliniWagnerL2
 from harmless.attacks.deepfool import DeepFool
 from harmless.attacks.gradient import FGSM, PGD
+from harmless.attacks.harmless_view import EquivalenceReport, equivalent_check, harmless_fraction
 
-__all__ = ["Attack", "AttackResult", "CarliniWagnerL2", "DeepFool", "FGSM", "PGD"]
+__all__ = ["Attack", "AttackResult", "CarliniWagnerL2", "DeepFool", "EquivalenceReport", "FGSM", "PGD",
+           "equivalent_check", "harmless_fraction"]
