@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harmless.errors import InputError
 
-EXPERIMENTS = ("fig2", "table1", "fig3", "fig5", "table2", "lemma1")
+EXPERIMENTS = ("fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1")
 
 
 def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: str | None = None) -> list[Path]:
@@ -23,6 +23,9 @@ def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: s
     if name == "fig3":
         from harmless.experiments.exactness import run_fig3
         return run_fig3(out_dir, quick=quick, data_dir=data_dir)
+    if name == "fig4":
+        from harmless.experiments.fig4 import run as run_fig4
+        return run_fig4(out_dir, quick=quick, data_dir=data_dir)
     if name == "fig5":
         from harmless.experiments.fig5 import run as run_fig5
         return run_fig5(out_dir, quick=quick, data_dir=data_dir)

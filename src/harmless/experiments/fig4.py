@@ -1,0 +1,441 @@
+"""Figure 4: equivalent adversarial spaces, and how much of an attack the model cannot see.
+
+On MLP-5 (MNIST, Fashion-MNIST), over the first test images, for FGSM and PGD (L∞ eps 0.1,
+L2 eps 1.5, PGD 20 steps), DeepFool, and Gaussian noise of the same per-sample L2 norm as
+PGD-L2's perturbations:
+
+* the harmless fraction ``ρ = ‖Pδ‖²/‖δ‖²`` of each perturbation
+  (:func:`harmless.attacks.harmless_fraction`), with the attacks run twice: in the image box
+  [0, 1] (the real attack) and without it (bounds ±1000, nothing clipped), which isolates what
+  the box adds;
+* the success rate at ``x + δ``, at ``x + δ⊥`` and at ``x + δ + s‖δ‖h`` for random harmless
+  ``h`` (:func:`harmless.attacks.equivalent_check`), with the float64 output differences;
+* ``fig4.png``: images x, x+δ, x+δ⊥, x+δ+h with their predictions, ρ histograms, and the
+  output change against the size of the added harmless (and, for contrast, random) part.
+
+Everything runs on a float64 copy of the float32 checkpoint (its weights are exact float64
+numbers), so that round-off is float64's and ρ ≈ 0 can be told from ρ = 1e-14.
+``run(out_dir, quick=True)`` uses 100 images per data set instead of 1,000; ``cases=`` injects
+other models and data (the tests use a tiny untrained model).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import harmless
+from harmless.attacks import FGSM, PGD, Attack, DeepFool, EquivalenceReport, equivalent_check, harmless_fraction
+from harmless.experiments.common import Table, provenance, save_figure, save_text
+
+SPECS = ("mlp5:mnist", "mlp5:fashion-mnist")
+#: ‖h‖ = s‖δ‖ for the equivalent adversarial space.
+SCALES = (10.0, 100.0, 1e4)
+#: "No box": bounds far outside anything the attacks reach, so nothing is ever clipped.
+FREE = (-1e3, 1e3)
+#: The attack whose δ the figure shows and whose norms the noise copies.
+PGD_L2 = "PGD L2 1.5"
+NOISE = "Gaussian noise (‖·‖₂ of PGD L2)"
+
+
+def _log(msg: str) -> None:
+    print(f"  fig4: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Case:
+    """A model and the test images to attack (``x`` in [0, 1], float64; ``y`` int64)."""
+
+    name: str
+    model: nn.Module  # float64, eval mode
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: list[int]  # test-set indices of x
+    checksum: str | None = None  # weights SHA-256
+    note: str = ""
+
+
+@dataclass
+class AttackRow:
+    """One attack on one case: the box-constrained result, the unboxed one, the equivalence."""
+
+    name: str
+    rho: np.ndarray  # (B,) NaN where δ = 0
+    rho_free: np.ndarray | None  # same attack without the box (None: noise, never clipped)
+    success_free: float | None
+    box_changed: np.ndarray | None  # (B,) bool: the box changed δ (δ differs from the unboxed attack's)
+    l2: np.ndarray
+    linf: np.ndarray
+    report: EquivalenceReport
+    seconds: float
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    space: harmless.HarmlessSubspace
+    dim: int
+    n: int
+    rows: list[AttackRow]
+    pgd_delta: torch.Tensor  # PGD L2's δ, for the figure
+    curve_scales: np.ndarray
+    curves: dict[str, np.ndarray]  # name -> (S,) median relative output change over samples
+    seconds: float
+
+
+AttackFactory = Callable[[tuple[float, float]], Attack]
+
+
+def attacks() -> list[tuple[str, AttackFactory]]:
+    """The attacks of the figure: settings fixed here, bounds given per run (box or not)."""
+    return [
+        ("FGSM L∞ 0.1", lambda b: FGSM(0.1, "inf", bounds=b)),
+        ("FGSM L2 1.5", lambda b: FGSM(1.5, 2, bounds=b)),
+        ("PGD L∞ 0.1", lambda b: PGD(0.1, 20, "inf", random_start=True, bounds=b)),
+        (PGD_L2, lambda b: PGD(1.5, 20, 2, random_start=False, bounds=b)),
+        ("PGD L2 1.5, random start", lambda b: PGD(1.5, 20, 2, random_start=True, bounds=b)),
+        ("DeepFool", lambda b: DeepFool(bounds=b)),
+    ]
+
+
+def mlp5_cases(images: int, data_dir: str | None) -> list[Case]:
+    """MLP-5 on MNIST and Fashion-MNIST (cached, trained), first ``images`` test images."""
+    from harmless.data import as_tensors, load_dataset
+    from harmless.models import get_model, parse_spec
+
+    out = []
+    for spec in SPECS:
+        tm = get_model(spec, data_dir=data_dir, progress=False)
+        x, y = as_tensors(load_dataset(parse_spec(spec).dataset, "test", data_dir=data_dir), torch.float64)
+        out.append(Case(spec, copy.deepcopy(tm.model).double().eval(), x[:images], y[:images],
+                        list(range(min(images, len(y)))), tm.weights_sha256, tm.weights_note))
+    return out
+
+
+def _stats(v: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """mean, median, q25, q75, min, max over the finite entries."""
+    f = v[np.isfinite(v)]
+    if f.size == 0:
+        return (math.nan,) * 6
+    return (float(f.mean()), float(np.median(f)), float(np.quantile(f, 0.25)), float(np.quantile(f, 0.75)),
+            float(f.min()), float(f.max()))
+
+
+def _relative(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (a - ref).norm(dim=1) / ref.norm(dim=1)
+
+
+@torch.no_grad()
+def measure(case: Case, *, seed: int = 0) -> CaseResult:
+    """Every attack on one case, boxed and unboxed, ρ and the equivalence check."""
+    start = time.perf_counter()
+    model, x, y = case.model, case.x, case.y
+    shape = tuple(x.shape[1:])
+    space = harmless.harmless_subspace(model, shape)
+    rows: list[AttackRow] = []
+    pgd_delta: torch.Tensor | None = None
+    for i, (name, make) in enumerate(attacks()):
+        t = time.perf_counter()
+        # The same seed for the boxed and the unboxed run: identical random starts, so any
+        # difference between the two perturbations is the box's doing.
+        boxed = make((0.0, 1.0))(model, x, y, generator=torch.Generator().manual_seed(seed + i))
+        free = make(FREE)(model, x, y, generator=torch.Generator().manual_seed(seed + i))
+        changed = (boxed.delta != free.delta).reshape(len(y), -1).any(dim=1)
+        rep = equivalent_check(model, space, x, boxed, SCALES, y=y,
+                               generator=torch.Generator().manual_seed(100 + seed + i))
+        rows.append(AttackRow(name, rep.rho.numpy(), harmless_fraction(space, free).numpy(),
+                              float(free.success_rate), changed.numpy(), boxed.l2.numpy(), boxed.linf.numpy(), rep,
+                              time.perf_counter() - t))
+        if name == PGD_L2:
+            pgd_delta = boxed.delta
+    assert pgd_delta is not None
+    # Noise of PGD-L2's per-sample norm, not clipped (x + noise may leave [0, 1]): ρ is a
+    # property of the direction, and clipping would add the box's harmless part back in.
+    t = time.perf_counter()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1000), dtype=torch.float64)
+    norms = pgd_delta.reshape(len(y), -1).norm(dim=1)
+    noise = g * (norms / g.reshape(len(y), -1).norm(dim=1)).reshape(-1, *([1] * len(shape)))
+    rep = equivalent_check(model, space, x, noise, SCALES, y=y, generator=torch.Generator().manual_seed(2000 + seed))
+    flat = noise.reshape(len(y), -1)
+    rows.append(AttackRow(NOISE, rep.rho.numpy(), None, None, None, flat.norm(dim=1).numpy(),
+                          flat.abs().amax(dim=1).numpy(), rep, time.perf_counter() - t))
+
+    # Output change against the size of an added part: harmless h for the attack and the noise,
+    # a random (Gaussian) direction of the same size for contrast.
+    curve_scales = np.logspace(-2, 4, 13)
+    curves: dict[str, np.ndarray] = {}
+    for label, d in ((f"{PGD_L2} + harmless h", pgd_delta), ("noise + harmless h", noise)):
+        r = equivalent_check(model, space, x, d, tuple(float(s) for s in curve_scales),
+                             generator=torch.Generator().manual_seed(3000 + seed))
+        curves[label] = r.harmless_diff.median(dim=1).values.numpy()
+    f_adv = model(x + pgd_delta)
+    u = torch.randn(x.shape, generator=torch.Generator().manual_seed(4000 + seed), dtype=torch.float64)
+    u = u / u.reshape(len(y), -1).norm(dim=1).reshape(-1, *([1] * len(shape)))
+    rand = [float(_relative(model(x + pgd_delta + float(s) * norms.reshape(-1, *([1] * len(shape))) * u),
+                            f_adv).median()) for s in curve_scales]  # 13 batched evaluations, not per sample
+    curves[f"{PGD_L2} + random direction"] = np.array(rand)
+    return CaseResult(case, space, space.dim, space.ambient_dim, rows, pgd_delta, curve_scales, curves,
+                      time.perf_counter() - start)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def _e(v: float) -> str:
+    return "–" if v is None or not math.isfinite(v) else (f"{v:.1e}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}")
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def rho_table(r: CaseResult) -> Table:
+    rows = []
+    for a in r.rows:
+        mean, med, q25, q75, lo, hi = _stats(a.rho)
+        free = _stats(a.rho_free) if a.rho_free is not None else None
+        rows.append([a.name, str(int(np.isfinite(a.rho).sum())), _e(mean), _e(med), f"{_e(q25)} – {_e(q75)}",
+                     f"{_e(lo)} – {_e(hi)}", "–" if a.box_changed is None else _pct(float(a.box_changed.mean())),
+                     "–" if free is None else _e(free[1]), "–" if free is None else _e(free[5]),
+                     f"{np.median(a.l2):.3f}", f"{np.median(a.linf):.3f}"])
+    return Table(["perturbation", "samples (δ ≠ 0)", "ρ mean", "ρ median", "ρ quartiles", "ρ min – max",
+                  "box changed δ", "ρ median, no box", "ρ max, no box", "median ‖δ‖₂", "median ‖δ‖∞"], rows)
+
+
+def equivalence_table(r: CaseResult) -> Table:
+    rows = []
+    for a in r.rows:
+        rates = a.report.success_rates
+        assert rates is not None
+        s, sp, sh = rates
+        rows.append([a.name, _pct(s), _pct(a.success_free), _pct(sp)] + [_pct(v) for v in sh]
+                    + [f"{a.report.max_perp_diff:.1e}"] + [f"{v:.1e}" for v in a.report.max_harmless_diff]
+                    + [_pct(a.report.label_kept), _pct(float(a.report.perp_outside_box.double().mean())),
+                       _pct(float(a.report.harmless_outside_box[0].double().mean()))])
+    scales = [f"{s:g}" for s in SCALES]
+    return Table(["perturbation", "success x+δ", "success, no box", "success x+δ⊥"]
+                 + [f"success x+δ+h, ‖h‖={s}‖δ‖" for s in scales] + ["max rel. Δf, δ⊥"]
+                 + [f"max rel. Δf, h {s}×" for s in scales] + ["label kept (all)", "x+δ⊥ outside [0,1]",
+                                                                  f"x+δ+h ({scales[0]}×) outside [0,1]"], rows)
+
+
+@torch.no_grad()
+def _clean_error(r: CaseResult) -> float:
+    return float((r.case.model(r.case.x).argmax(dim=1) != r.case.y).double().mean())
+
+
+def _row(r: CaseResult, name: str) -> AttackRow:
+    return next(a for a in r.rows if a.name == name)
+
+
+def _summary(results: list[CaseResult]) -> str:
+    """The prediction, checked on the numbers."""
+    lines = []
+    for r in results:
+        pgd, df, noise = _row(r, PGD_L2), _row(r, "DeepFool"), _row(r, NOISE)
+        fg = _row(r, "FGSM L∞ 0.1")
+        assert pgd.rho_free is not None and df.rho_free is not None and fg.rho_free is not None
+        assert pgd.box_changed is not None
+        unclipped = pgd.rho[~pgd.box_changed]
+        worst_perp = max(a.report.max_perp_diff for a in r.rows)
+        worst_h = max(max(a.report.max_harmless_diff) for a in r.rows)
+        kept = min(a.report.label_kept for a in r.rows)
+        lines.append(
+            f"- **{r.case.name}** (dim {r.dim} of n = {r.n}, dim/n = {r.dim / r.n:.4f}): unclipped gradient steps "
+            f"have ρ ≈ 0 — PGD L2 without the box max ρ {_e(float(np.nanmax(pgd.rho_free)))}, DeepFool without "
+            f"the box max {_e(float(np.nanmax(df.rho_free)))} (float64 round-off squared); in the box, the box "
+            f"changed PGD L2's δ on {_pct(float(pgd.box_changed.mean()))} of the samples and its median ρ is "
+            f"{_e(float(np.nanmedian(pgd.rho)))} (unchanged samples: "
+            f"{'none' if unclipped.size == 0 else 'max ρ ' + _e(float(np.nanmax(unclipped)))}); "
+            f"sign steps add a harmless part even without the box (FGSM L∞, no box: median ρ "
+            f"{_e(float(np.nanmedian(fg.rho_free)))}); noise: mean ρ {_e(float(np.nanmean(noise.rho)))} against "
+            f"dim/n = {r.dim / r.n:.4f}. Equivalence: largest relative float64 output difference "
+            f"{worst_perp:.1e} for δ⊥ and {worst_h:.1e} for δ + h (up to ‖h‖ = {max(SCALES):g}‖δ‖); labels kept on "
+            f"{_pct(kept)} of the samples (worst perturbation).")
+    return "\n".join(lines)
+
+
+def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None,
+        cases: Sequence[Case] | None = None) -> list[Path]:
+    """Run the experiment; write ``fig4.md`` and ``fig4.png`` to ``out_dir``. ``cases`` replaces
+    the MLP-5 models and test images (the command always uses MLP-5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is about as fast, and shares the machine
+    try:
+        start = time.perf_counter()
+        images = 100 if quick else 1000
+        todo = list(cases) if cases is not None else mlp5_cases(images, data_dir)
+        results = []
+        for c in todo:
+            results.append(measure(c))
+            _log(f"{c.name}: {len(c.y)} images, {results[-1].seconds:.1f} s")
+        figure_samples = [(r, i) for r in results for i in _figure_indices(r)]
+        fig = _figure(plt, results, figure_samples)
+        seconds = time.perf_counter() - start
+        cmd = "harmless reproduce fig4" + (" --quick" if quick else "")
+        text = _markdown(results, figure_samples, seconds, quick) + provenance(cmd)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [save_text(text, out_dir / "fig4.md"), save_figure(fig, out_dir / "fig4.png")]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _figure_indices(r: CaseResult, k: int = 2) -> list[int]:
+    """The first ``k`` samples that PGD L2 turned adversarial (else the first ``k``)."""
+    ok = _row(r, PGD_L2).report.success
+    assert ok is not None
+    idx = [int(i) for i in torch.nonzero(ok).flatten()[:k]]
+    return idx if len(idx) == k else list(range(min(k, len(r.case.y))))
+
+
+def _markdown(results: list[CaseResult], samples: list[tuple[CaseResult, int]], seconds: float, quick: bool) -> str:
+    parts = [f"""# Figure 4: equivalent adversarial spaces, and the harmless fraction of attacks
+
+Theorems 3–5 of the paper: a perturbation δ acts on the model exactly like its harmful part
+δ⊥ = (I − P)δ (P: the orthogonal projector onto the harmless subspace N(A) of the linear prefix),
+so x + δ, x + δ⊥ and every x + δ + h with h ∈ N(A), of any size, give the same output: each
+adversarial example has an unbounded *equivalent adversarial space*.
+
+**Prediction, before measuring.** The input gradient of any loss is Aᵀ·(gradient at fc1's output),
+so it lies in the row space of A: a plain gradient step is entirely harmful, **ρ = ‖Pδ‖²/‖δ‖² ≈ 0**
+for an unclipped L2 gradient attack (PGD L2 without a random start, FGSM L2, DeepFool). Two things
+add a harmless part: the **sign** of a gradient (L∞ attacks) is not in the row space, and **box
+clipping** to [0, 1] zeroes coordinates of the step (most MNIST pixels sit at 0, so a step that
+pushes them below 0 is cut). A random start (uniform in the ball) is isotropic, and PGD's
+projection onto the L2 ball only rescales, so it never removes that start's harmless part.
+Isotropic **noise** should have ρ ≈ dim/n = 528/784 = 0.673 for MLP-5. And, whatever ρ is,
+f(x + δ⊥) = f(x + δ + h) = f(x + δ) to float64 round-off.
+
+**Measured** (every attack run twice, with the seed shared: in the box [0, 1], and "no box"
+with bounds ±1000 so that nothing is clipped; "box changed δ" is the fraction of samples whose
+perturbation differs between the two runs):
+
+{_summary(results)}
+
+So the prediction holds: gradient directions are (to round-off) entirely harmful, and the harmless
+part of real attacks comes from the box and from sign steps; noise has ρ ≈ dim/n.
+
+Set-up: attacks from `harmless.attacks`, run on a float64 copy of each float32 checkpoint (its
+weights are exact float64 numbers, so nothing but float64 round-off separates the outputs); labels
+are the true test labels; success = the prediction differs from the label (samples the model
+already misclassifies count as successes, for every perturbation alike). FGSM L∞ eps 0.1, FGSM L2
+eps 1.5; PGD L∞ eps 0.1 (20 steps, step 2.5·eps/20, random start); PGD L2 eps 1.5 (20 steps, no
+random start, and again with one); DeepFool (L2, overshoot 0.02, ≤ 50 steps, 10 candidate
+classes); Gaussian noise rescaled per sample to the L2 norm of PGD L2's (boxed) perturbation, not
+clipped. ρ from `harmless.attacks.harmless_fraction` (‖Pδ‖² measured directly, so ρ ≈ 0 is
+resolved to ~1e-32); the equivalence from `harmless.attacks.equivalent_check`: h a random unit
+vector of N(A) per sample and scale, ‖h‖ = s·‖δ‖ with s = {', '.join(f'{s:g}' for s in SCALES)}; "max rel. Δf" is
+the largest ‖f(x+δ') − f(x+δ)‖/‖f(x+δ)‖ over the samples (float64 logits).
+
+x + δ⊥ and x + δ + h leave [0, 1] (last two columns; δ⊥ wherever δ ≠ 0): the
+equivalence is a statement about the linear prefix, which does not care about the image box; an
+equivalent perturbation *inside* the box is a different (constrained) problem, not solved here.
+"""]
+    for r in results:
+        c = r.case
+        idx = c.indices
+        span = f"{idx[0]}–{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ", ".join(map(str, idx))
+        sha = (c.checksum or "not saved")[:12]
+        parts.append(f"""
+## {c.name}
+
+{len(c.y):,} test images (indices {span}); weights SHA-256 `{sha}…` ({c.note}); harmless subspace
+dim {r.dim} of n = {r.n} (dim/n = {r.dim / r.n:.4f}); the model misclassifies {_pct(_clean_error(r))} of these
+images unperturbed. Measured in {r.seconds:.1f} s.
+
+### (a) Harmless fraction ρ = ‖Pδ‖²/‖δ‖²
+
+{rho_table(r).markdown()}
+### (b) Success and the equivalent adversarial space
+
+{equivalence_table(r).markdown()}
+Time per perturbation (boxed + unboxed attack, ρ and the equivalence check): {', '.join(f'{a.name} {a.seconds:.1f} s'
+                                                                                    for a in r.rows)}.
+""")
+    shown = ", ".join(f"{r.case.name} test image {r.case.indices[i]}" for r, i in samples)
+    parts.append(f"""
+## Figure
+
+`fig4.png`: rows are {shown}. Columns: x, x + δ (PGD L2 1.5, in the box), x + δ⊥, x + δ + h
+(‖h‖ = 100‖δ‖, harmless), each with its prediction and the relative change of its float64 logits
+against x + δ (x + δ⊥ and x + δ + h are drawn on their own grey scale, their range in the title: they
+leave [0, 1]). Bottom: histograms of ρ per perturbation (in the box), and the median relative output
+change of x + δ + s‖δ‖u against x + δ over the samples, for u harmless (the attack's δ and the noise)
+and for u a random direction.
+
+Run time: {seconds:.0f} s{' (quick: 100 images per data set)' if quick else ''}.
+""")
+    return "".join(parts)
+
+
+@torch.no_grad()
+def _figure(plt, results: list[CaseResult], samples: list[tuple[CaseResult, int]]):
+    import matplotlib.gridspec as gridspec
+
+    rows = len(samples)
+    fig = plt.figure(figsize=(13, 2.6 * rows + 3.6))
+    gs = gridspec.GridSpec(rows + 1, 12, figure=fig, height_ratios=[1] * rows + [1.35])
+    for row, (r, i) in enumerate(samples):
+        c = r.case
+        x, d = c.x[i:i + 1], r.pgd_delta[i:i + 1]
+        space = r.space
+        _, perp = space.decompose(d)
+        h = space.sample(1, generator=torch.Generator().manual_seed(7 + i)) * 100 * d.norm()
+        pts = [("x", x), ("x + δ (PGD L2)", x + d), ("x + δ⊥", x + perp), ("x + δ + h, ‖h‖=100‖δ‖", x + d + h)]
+        f_adv = c.model(x + d)
+        for col, (title, p) in enumerate(pts):
+            ax = fig.add_subplot(gs[row, 3 * col:3 * col + 3])
+            f = c.model(p)
+            pred = int(f.argmax(dim=1))
+            rel = float(_relative(f, f_adv)[0])
+            img = p[0].mean(dim=0).numpy() if p.shape[1] > 1 else p[0, 0].numpy()
+            lo, hi = (0.0, 1.0) if col < 2 else (float(img.min()), float(img.max()))
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            extra = "" if col < 2 else f"\nshown on [{lo:.2g}, {hi:.2g}]"
+            label = f" (label {int(c.y[i])})" if col == 0 else ""
+            ax.set_title(f"{title}: pred {pred}{label}\nrel. Δf vs x+δ: {rel:.1e}{extra}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"{c.name}\n#{c.indices[i]}", fontsize=8)
+    width = 12 // (len(results) + 1)
+    for k, r in enumerate(results[:2]):
+        ax = fig.add_subplot(gs[rows, width * k:width * (k + 1)])
+        bins = np.linspace(0, 1, 41)
+        for a in r.rows:
+            v = a.rho[np.isfinite(a.rho)]
+            ax.hist(v, bins=bins, histtype="step", label=a.name, linewidth=1.2)
+        ax.axvline(r.dim / r.n, color="k", linestyle=":", linewidth=1)
+        ax.set_xlabel("ρ = ‖Pδ‖²/‖δ‖² (dotted: dim/n)", fontsize=8)
+        ax.set_ylabel("samples", fontsize=8)
+        ax.set_title(f"{r.case.name}: harmless fraction, in the box", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if k == 0:
+            ax.legend(fontsize=6)
+    ax = fig.add_subplot(gs[rows, width * min(2, len(results)):])
+    for r, style in zip(results, ("-", "--")):
+        for label, v in r.curves.items():
+            ax.loglog(r.curve_scales, np.maximum(v, 1e-18), style, marker=".", label=f"{r.case.name}: {label}")
+    ax.set_xlabel("s (size of the added part: s‖δ‖)", fontsize=8)
+    ax.set_ylabel("median rel. change of f (float64)", fontsize=8)
+    ax.set_title("adding harmless h: output unchanged (to round-off) at any size", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=5.5)
+    fig.suptitle("Equivalent adversarial spaces on MLP-5: x + δ, x + δ⊥ and x + δ + h are one input to the model",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
