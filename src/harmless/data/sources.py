@@ -240,7 +240,7 @@ def _ensure_idx(spec: _IdxSet, names: Collection[str] | None, download: bool) ->
         missing = _settle(folder, spec, names)
         if not missing:
             return folder
-        reason = "downloading was disabled (download=False)"
+        reason: str | None = "downloading was disabled (download=False)"
         if download:
             reason = None
             start = time.monotonic()

@@ -326,8 +326,9 @@ def _type_name(module: nn.Module) -> str:
 
 def _layer_text(module: nn.Module) -> str:
     if _type_name(module) == "Normalize" and hasattr(module, "mean") and hasattr(module, "std"):
-        mean = ", ".join(f"{float(v):.4g}" for v in module.mean.flatten())
-        std = ", ".join(f"{float(v):.4g}" for v in module.std.flatten())
+        mean_t, std_t = getattr(module, "mean"), getattr(module, "std")  # buffers of a Normalize
+        mean = ", ".join(f"{float(v):.4g}" for v in mean_t.flatten())
+        std = ", ".join(f"{float(v):.4g}" for v in std_t.flatten())
         return f"Normalize(mean=({mean}), std=({std}))"
     if isinstance(module, torch.jit.ScriptModule):
         shapes = ", ".join(

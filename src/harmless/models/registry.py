@@ -302,7 +302,9 @@ class ModelSpec:
 
 def _split_items(text: str, spec: str) -> list[str]:
     """Split on commas that are not inside parentheses."""
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1

@@ -79,7 +79,7 @@ class TrainedModel:
 
     def __post_init__(self) -> None:
         # Lets describe_model() (and anyone holding only the module) tell trained from not.
-        self.model.weights_note = self.weights_note
+        setattr(self.model, "weights_note", self.weights_note)  # a plain attribute, not a submodule
 
     @property
     def key(self) -> str:
