@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harmless import validation
 from harmless.errors import InputError, UnsupportedLayerError
 
 Shape = tuple[int, ...]
@@ -15,15 +16,7 @@ Shape = tuple[int, ...]
 
 def check_batch(delta: object, shape: Shape, what: str = "delta") -> torch.Tensor:
     """``delta`` as a detached floating tensor of shape ``(B, *shape)`` with finite entries."""
-    if not isinstance(delta, torch.Tensor):
-        raise InputError(f"{what} must be a torch.Tensor, got {type(delta).__name__}")
-    if delta.ndim != len(shape) + 1 or tuple(delta.shape[1:]) != tuple(shape):
-        raise InputError(f"{what} must have shape (B, {', '.join(map(str, shape))}), got {tuple(delta.shape)}")
-    if not delta.is_floating_point():
-        raise InputError(f"{what} must be a floating-point tensor, got {delta.dtype}")
-    if not bool(torch.isfinite(delta).all()):
-        raise InputError(f"{what} contains non-finite values (nan or inf)")
-    return delta.detach()
+    return validation.batch(delta, shape, what)
 
 
 def check_sample(z: object, what: str = "z") -> torch.Tensor:
@@ -41,21 +34,15 @@ def check_sample(z: object, what: str = "z") -> torch.Tensor:
 
 
 def check_count(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(f"n must be a positive int, got {n!r}")
-    return n
+    return validation.positive_int(n, "n")
 
 
 def check_scale(scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
-        raise InputError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
+    return validation.positive_number(scale, "scale")
 
 
 def check_rtol(rtol: object) -> float:
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (0 <= float(rtol) < 1):
-        raise InputError(f"rtol must be a number in [0, 1), got {rtol!r}")
-    return float(rtol)
+    return validation.fraction(rtol, "rtol", allow_zero=True)
 
 
 def default_generator(generator: torch.Generator | None) -> torch.Generator:
