@@ -142,9 +142,9 @@ def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     # Taken from numpy's own reducers so both the numpy 1 (numpy.core) and numpy 2
     # (numpy._core) spellings map to the right objects without importing a deprecated module.
     arr = np.zeros(1)
-    reconstruct = arr.__reduce__()[0]
-    frombuffer = arr.__reduce_ex__(5)[0]
-    scalar = np.float64(0).__reduce__()[0]
+    reconstruct: Callable[..., Any] = arr.__reduce__()[0]  # type: ignore[assignment]
+    frombuffer: Callable[..., Any] = arr.__reduce_ex__(5)[0]  # type: ignore[assignment]
+    scalar: Callable[..., Any] = np.float64(0).__reduce__()[0]  # type: ignore[assignment]
     table: dict[tuple[str, str], Callable[..., Any]] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
@@ -189,7 +189,7 @@ def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return _NumpyOnlyUnpickler(fh, str(path)).load()  # type: ignore[arg-type]
+            return _NumpyOnlyUnpickler(fh, str(path)).load()
     except InputError:
         raise
     except FileNotFoundError as exc:

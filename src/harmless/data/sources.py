@@ -16,6 +16,7 @@ fetched again (or, with ``download=False``, reported).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -114,6 +115,14 @@ FOOLBOX_DATASETS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
 _PROC_TIMEOUT_S = 900
 
 log = logging.getLogger(__name__)
+
+
+def _tar_member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular file's bytes from an open tar archive (read lazily, only when needed)."""
+    f = tf.extractfile(member)
+    if f is None:  # pragma: no cover - only regular files are passed
+        raise InputError(f"{member.name} is not a regular file in the archive")
+    return f.read()
 
 
 def _say(msg: str, level: int = logging.INFO) -> None:
@@ -308,12 +317,12 @@ def _from_archives(folder: Path, names: Collection[str], out: Path) -> dict[str,
             with tarfile.open(archive) as tf:
                 for m in tf.getmembers():
                     if m.isfile():
-                        take(m.name, lambda m=m: tf.extractfile(m).read())  # type: ignore[union-attr]
+                        take(m.name, functools.partial(_tar_member_bytes, tf, m))
         elif archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as zf:
                 for i in zf.infolist():
                     if not i.is_dir():
-                        take(i.filename, lambda i=i: zf.read(i))
+                        take(i.filename, functools.partial(zf.read, i))
     return found
 
 

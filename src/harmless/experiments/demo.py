@@ -39,6 +39,10 @@ SPEC = "mlp5:mnist"
 PRIVACY_SPEC = "mlp5:fashion-mnist"
 
 
+
+def _percent(value: float | None) -> str:
+    return "unknown" if value is None else f"{100 * value:.2f}%"
+
 def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     """Print a short report and write ``out_dir/harmless_mnist.png`` and
     ``out_dir/privatize_fashion.png`` (``quick``: 1,000 test images instead of 10,000 for the
@@ -51,13 +55,13 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     print(f"data: MNIST test set, {len(test)} images {'x'.join(map(str, test.shape))}, values in [0, 1]")
     tm = get_model(SPEC)
     origin = "reused from cache" if tm.from_cache else f"trained now in {tm.train_seconds:.0f} s"
-    print(f"model: {SPEC} (MLP-5), {origin}; test accuracy {100 * tm.test_accuracy:.2f}%"
+    print(f"model: {SPEC} (MLP-5), {origin}; test accuracy {_percent(tm.test_accuracy)}"
           + (f"; checkpoint sha256 {tm.weights_sha256[:12]}" if tm.weights_sha256 else ""))
 
     model = tm.model.double().eval()
     shape = test.shape
     space = harmless_subspace(model, shape)
-    print(f"linear prefix: {space.run.description}")
+    print(f"linear prefix: {space.run.description if space.run else '(an operator)'}")
     print(f"harmless subspace: dim {space.dim} of {space.ambient_dim} (n - rank, rank {space.rank} by "
           f"{space.dim_method}); the model ignores every input change in it, whatever its size")
 
@@ -116,7 +120,7 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     fashion = load_dataset("fashion-mnist", "test")
     ftm = get_model(PRIVACY_SPEC)
     origin = "reused from cache" if ftm.from_cache else f"trained now in {ftm.train_seconds:.0f} s"
-    print(f"\nprivacy model: {PRIVACY_SPEC} (MLP-5), {origin}; test accuracy {100 * ftm.test_accuracy:.2f}%"
+    print(f"\nprivacy model: {PRIVACY_SPEC} (MLP-5), {origin}; test accuracy {_percent(ftm.test_accuracy)}"
           + (f"; checkpoint sha256 {ftm.weights_sha256[:12]}" if ftm.weights_sha256 else ""))
     fmodel = ftm.model.double().eval()
     fx, _ = as_tensors(fashion, torch.float64)

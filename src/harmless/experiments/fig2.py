@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from harmless.experiments.common import Table, provenance, save_figure, save_text
-from harmless.linalg.operators import ConvOperator
+from harmless.linalg.operators import ComposedOperator, ConvOperator
 from harmless.linalg.rank import corollary1_conditions
 from harmless.linalg.subspace import harmless_subspace
 
@@ -61,7 +62,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
     import matplotlib.pyplot as plt
 
     strides = [1, 2, 4, 8, 16] if quick else list(range(1, 17))
-    conv_rows = []
+    conv_rows: list[dict[str, Any]] = []
     jobs = [(a, s) for a in ("resnet18", "resnet50", "vgg16") for s in strides]
     for arch, stride in tqdm(jobs, desc="fig2 conv stems", file=None, disable=None):
         model = _stem(arch, stride)
@@ -73,14 +74,16 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
         n, m = space.ambient_dim, space.output_dim
         oracle = brute_force_rank(stem, (3, 32, 32)) if m * n <= ORACLE_LIMIT and not quick else None
         tqdm.write(f"  {arch} stride {stride}: dim {dim} ({space.dim_method}, {seconds:.1f} s)", file=sys.stderr)
-        conv_op = next(f for f in space.operator.factors if isinstance(f, ConvOperator))
+        factors = space.operator.factors if isinstance(space.operator, ComposedOperator) else [space.operator]
+        conv_op = next(f for f in factors if isinstance(f, ConvOperator))
         failed = [c for c in corollary1_conditions(conv_op) if not c.startswith("n = ")]
-        conv_rows.append(dict(arch=arch, stride=stride, kernel=stem.kernel_size[0], n=n, m=m, dim=dim,
+        conv_rows.append(dict(arch=arch, stride=stride, kernel=stem.kernel_size[0], n=n, m=m,  # type: ignore[index]
+                              dim=dim,
                               n_minus_m=max(0, n - m), oracle=None if oracle is None else n - oracle,
                               method=space.dim_method, seconds=seconds, failed="; ".join(failed) or "-"))
 
     widths = [64, 128, 256, 512, 784, 1024, 2048, 3072, 4096]
-    fc_rows = []
+    fc_rows: list[dict[str, Any]] = []
     from harmless.models.zoo import MLP5
 
     for label, in_shape in (("MNIST-size 1x28x28", (1, 28, 28)), ("SVHN-size 3x32x32", (3, 32, 32))):

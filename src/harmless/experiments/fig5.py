@@ -61,14 +61,21 @@ def _log(msg: str) -> None:
     print(f"  fig5: {msg}", file=sys.stderr, flush=True)
 
 
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    """MLP-5's named Linear layer (fc1, fc2, ...), typed."""
+    layer = model.get_submodule(name)
+    assert isinstance(layer, nn.Linear), f"{name} is not a Linear layer"
+    return layer
+
+
 def permute_fc1(model: nn.Module, seed: int = 0) -> nn.Module:
     """fc1's output units permuted; fc2's input columns permuted to match: the same function."""
     m = copy.deepcopy(model)
-    perm = torch.randperm(m.fc1.out_features, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(_linear(m, "fc1").out_features, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        m.fc1.weight.copy_(m.fc1.weight[perm])
-        m.fc1.bias.copy_(m.fc1.bias[perm])
-        m.fc2.weight.copy_(m.fc2.weight[:, perm])
+        _linear(m, "fc1").weight.copy_(_linear(m, "fc1").weight[perm])
+        _linear(m, "fc1").bias.copy_(_linear(m, "fc1").bias[perm])
+        _linear(m, "fc2").weight.copy_(_linear(m, "fc2").weight[:, perm])
     return m.eval()
 
 
@@ -81,7 +88,7 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, ep
 
     m = copy.deepcopy(model)
     if freeze_fc1:
-        for p in m.fc1.parameters():
+        for p in _linear(m, "fc1").parameters():
             p.requires_grad_(False)
     cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=1e-4)
     with deterministic(7):
@@ -95,7 +102,7 @@ def _fc1_sgd_steps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     m = copy.deepcopy(model).train()
     x = images[:128].float() / (255.0 if not images.is_floating_point() else 1.0)
     x, y = x.reshape(-1, *SHAPE), targets[:128].long()
-    opt = torch.optim.SGD(m.fc1.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(_linear(m, "fc1").parameters(), lr=1e-3)
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()
@@ -108,7 +115,7 @@ def _fc1_noise(model: nn.Module, rel: float, seed: int = 0) -> nn.Module:
     """fc1's weights plus Gaussian noise of Frobenius norm ``rel * ||W1||``."""
     m = copy.deepcopy(model)
     with torch.no_grad():
-        w = m.fc1.weight
+        w = _linear(m, "fc1").weight
         noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
         w.add_(rel * w.norm() * noise / noise.norm())
     return m.eval()
@@ -327,7 +334,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
             s = np.array(stats[v.name])
             est = "–" if vd.first_layer_deviation is None else f"{vd.first_layer_deviation:.2g}"
             true = _true_deviation(fp, v.model)
-            rows.append([v.name, v.category, f"{100 * v.accuracy:.2f}%", f"{vd.statistic:.3g}", f"{vd.threshold:.2g}",
+            acc = "-" if v.accuracy is None else f"{100 * v.accuracy:.2f}%"
+            rows.append([v.name, v.category, acc, f"{vd.statistic:.3g}", f"{vd.threshold:.2g}",
                          "same" if vd.same else "different", est, "–" if true is None else f"{true:.2g}",
                          f"{vd.reference_deviation:.2g}", f"{s.min():.3g} / {s.max():.3g}",
                          f"{sum(sames[v.name])}/{len(s)}", v.note])

@@ -24,6 +24,7 @@ naive rounding and after greedy flips (:class:`harmless.privacy.Quantizer`).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET_TILE = 7
 
 
-def _setting(name: str, data_dir: object) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _setting(name: str, data_dir: str | os.PathLike[str] | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The float64 eval-mode model and the whole test set of a setting."""
     from harmless.data import as_tensors, load_dataset
     from harmless.models import build_model, get_model, zoo
@@ -219,7 +220,7 @@ def _ssim_vs_dim(x: torch.Tensor) -> tuple[list[float], list[float]]:
     return fracs, ssims
 
 
-def run(out_dir: Path, *, quick: bool = False, data_dir: object = None) -> list[Path]:
+def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Run Table 2 and write ``table2.md``, ``table2.png``, ``table2_ssim_vs_dim.png``."""
     import matplotlib
 

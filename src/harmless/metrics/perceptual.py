@@ -102,10 +102,11 @@ def weight_file(net: str = "alex", *, download: bool = True) -> Path:
 def _conv(kernel: np.ndarray, bias: np.ndarray | None, stride: int, padding: int) -> nn.Conv2d:
     # flax kernels are (kh, kw, in, out) and cross-correlate like torch: only the axes move.
     k = torch.from_numpy(np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1))))
-    conv = nn.Conv2d(k.shape[1], k.shape[0], k.shape[2:], stride=stride, padding=padding, bias=bias is not None)
+    conv = nn.Conv2d(k.shape[1], k.shape[0], (k.shape[2], k.shape[3]), stride=stride, padding=padding,
+                     bias=bias is not None)
     with torch.no_grad():
         conv.weight.copy_(k)
-        if bias is not None:
+        if bias is not None and conv.bias is not None:
             conv.bias.copy_(torch.from_numpy(np.asarray(bias)))
     return conv
 
@@ -145,6 +146,10 @@ def _prepare_pair(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 class LPIPS(nn.Module):
     """``LPIPS(net)(a, b)`` -> per-image distances ``(N,)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""
+
+    # Buffers, declared for the type checker (this module is never scripted).
+    shift: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, net: str = "alex", *, download: bool = True) -> None:
         super().__init__()

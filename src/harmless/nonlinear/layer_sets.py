@@ -349,7 +349,7 @@ def _linear_space(layer: nn.Module | TorchLinearOperator, shape: Shape,
     return harmless.harmless_subspace(layer, shape, dtype=dtype)
 
 
-def _bn_scale(bn: nn.Module) -> torch.Tensor:
+def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     if bn.running_var is None:
         raise UnsupportedLayerError(f"{type(bn).__name__} without running statistics is not a fixed map")
     scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)

@@ -248,15 +248,15 @@ class ReluNetwork:
             else:
                 assert step.windows is not None
                 w = step.windows
-                zf = z.reshape(1, -1)
-                vals = window_values(zf, w, float("-inf"))[0]  # (C, K, L)
+                z_row = z.reshape(1, -1)
+                vals = window_values(z_row, w, float("-inf"))[0]  # (C, K, L)
                 kstar = first_argmax(vals, dim=1)  # (C, L)
                 jstar = torch.gather(w, 1, kstar.unsqueeze(1)).squeeze(1)  # flat index of each window's max
                 others = (w >= 0) & (torch.arange(w.shape[1]).view(1, -1, 1) != kstar.unsqueeze(1))
                 rows_i = w[others]
                 rows_j = jstar.unsqueeze(1).expand_as(w)[others]
                 j = jt.reshape(n, -1).T.numpy()
-                zn = zf[0].numpy()
+                zn = z_row[0].numpy()
                 g = j[rows_i.numpy()] - j[rows_j.numpy()]
                 h = zn[rows_j.numpy()] - zn[rows_i.numpy()]
                 nontrivial = np.any(g != 0, axis=1)  # a zero row with h >= 0 says nothing
