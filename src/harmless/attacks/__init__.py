@@ -6,7 +6,8 @@ on data, get one :class:`AttackResult`::
     result.x_adv, result.delta, result.success, result.y_pred
 
 FGSM and PGD (L∞, L2) have a fixed budget ``eps``; DeepFool and Carlini–Wagner L2 look for
-the smallest L2 perturbation that changes the prediction.
+the smallest L2 perturbation that changes the prediction. :class:`SmallestEquivalent` maps any
+adversarial example to the image nearest ``x`` that the model cannot tell from it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from harmless.attacks.cw import CarliniWagnerL2
 from harmless.attacks.deepfool import DeepFool
 from harmless.attacks.gradient import FGSM, PGD
 from harmless.attacks.harmless_view import EquivalenceReport, equivalent_check, harmless_fraction
+from harmless.attacks.smallest import SmallestEquivalent, SmallestEquivalentResult
 
 __all__ = ["Attack", "AttackResult", "CarliniWagnerL2", "DeepFool", "EquivalenceReport", "FGSM", "PGD",
-           "equivalent_check", "harmless_fraction"]
+           "SmallestEquivalent", "SmallestEquivalentResult", "equivalent_check", "harmless_fraction"]
