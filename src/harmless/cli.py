@@ -497,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
     rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                     choices=["fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1", "all"],
+                     choices=["fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1", "robustness", "all"],
                      help="fig2, table1, fig3, fig4 (equivalent adversarial spaces), fig5, table2, lemma1 "
-                          "(harmless sets beyond the linear prefix) or all")
+                          "(harmless sets beyond the linear prefix), robustness (universal perturbations and "
+                          "the four robustness categories) or all")
     rep.add_argument("--quick", action="store_true", help="fewer points and images (minutes instead of more)")
     rep.add_argument("--out", help="output folder (default: a fresh reproduced/YYYYMMDD-HHMMSS/; "
                                    "--out results replaces the tracked results)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harmless.errors import InputError
 
-EXPERIMENTS = ("fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1")
+EXPERIMENTS = ("fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1", "robustness")
 
 
 def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: str | None = None) -> list[Path]:
@@ -35,4 +35,7 @@ def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: s
     if name == "lemma1":
         from harmless.experiments.lemma1 import run as run_lemma1
         return run_lemma1(out_dir, quick=quick)
+    if name == "robustness":
+        from harmless.experiments.robustness import run as run_robustness
+        return run_robustness(out_dir, quick=quick, data_dir=data_dir)
     raise InputError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")
