@@ -139,6 +139,24 @@ def test_invariants_on_a_conv_model(dtype):
         assert torch.allclose(s.delta, (r.x_adv - x).double(), atol=0)
 
 
+def test_a_clipped_row_space_step_is_already_the_smallest():
+    # x_adv = clip(x + s), s = Aᵀλ: x_adv − x = s + c with c ≥ 0 where x_adv sits at 0 and c ≤ 0
+    # where it sits at 1, which are the QP's optimality conditions at x_adv itself (DeepFool's
+    # form): nothing can be removed, the shrink is 1 (measured on MLP-5: DeepFool's median 1.000).
+    model = _linear_model(seed=16, n=30, m=10)
+    space = harmless.harmless_subspace(model, (30,))
+    x = _images((30,), 5, seed=17)
+    lam = torch.randn(5, 10, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    x_adv = (x + 0.3 * lam @ model[0].weight.detach()).clamp(0, 1)
+    assert float((x_adv - x - 0.3 * lam @ model[0].weight.detach()).abs().max()) > 0.05  # the box binds
+    s = SmallestEquivalent()(model, space, x_adv, x)
+    assert torch.allclose(s.shrink_l2, torch.ones(5, dtype=torch.float64), atol=1e-6)
+    a = model[0].weight.detach().numpy()
+    for k in range(5):
+        ref, _ = _clarabel_nearest(a, x_adv[k].numpy(), x[k].numpy())
+        assert np.abs(ref - x_adv[k].numpy()).max() <= 1e-6
+
+
 def test_with_labels_and_a_tensor_x_adv():
     model = _linear_model(seed=5)
     space = harmless.harmless_subspace(model, (30,))
