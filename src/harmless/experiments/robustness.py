@@ -458,17 +458,19 @@ def _spectrum_lines(s: Spectrum) -> str:
         "space of the first layer A (the harmless subspace is invisible to them), so the normals live in "
         f"that {s.harmful_dim}-dimensional subspace. The row-space baseline separates this forced "
         "correlation from the correlation the UAP paper measures.")
-    # The claim is computed, not assumed: below both baselines at every k ≥ 2 (up to N − 1)?
-    m = len(s.normals) - 1
+    # The claim is computed, not assumed: below both baselines at every k from 2 up to the normals'
+    # numerical rank (beyond it their σ_k are round-off, and a comparison there says nothing).
+    m = min(len(s.normals) - 1, s.rank_normals if s.rank_normals else len(s.normals) - 1)
     below = bool(np.all(s.normals[1:m] < s.random[1:m]))
     below_row = s.random_rowspace is None or bool(np.all(s.normals[1:m] < s.random_rowspace[1:m]))
     if below and below_row:
-        verdict = ("The normals' σ_k/σ_1 lie below both random baselines at every k from 2 to N − 1: the "
-                   "boundary orientations near the data are correlated (a few directions carry most of them), "
-                   "more than the restriction to the row space alone explains.")
+        verdict = (f"The normals' σ_k/σ_1 lie below both random baselines at every k from 2 to {m} (their "
+                   "numerical rank; beyond it they are round-off): the boundary orientations near the data are "
+                   "correlated (a few directions carry most of them), more than the restriction to the row "
+                   "space alone explains.")
     else:
-        verdict = (f"The normals' σ_k/σ_1 are {'' if below else 'not '}below the R^n baseline at every k ≥ 2 and "
-                   f"{'' if below_row else 'not '}below the row-space baseline at every k ≥ 2 (see the table).")
+        verdict = (f"The normals' σ_k/σ_1 are {'' if below else 'not '}below the R^n baseline at every k from 2 "
+                   f"to {m} and {'' if below_row else 'not '}below the row-space baseline there (see the table).")
     return f"{s.count} normals (n = {s.n}); σ_k/σ_1:\n\n{t.markdown()}\n{verdict}{hd}"
 
 
@@ -501,7 +503,7 @@ The same with the strict τ = {TAU_STRICT:g} is listed for comparison (it is not
 
 ## Set-up
 
-Model `{SPEC}`: {note}; weights SHA-256 `{(sha or 'not saved')[:12]}`; float32 for every rate, a float64
+Model `{SPEC}`: {note}; float32 for every rate, a float64
 copy for the harmless view and the normals; clean accuracy on the evaluation images {_p(clean_acc)}.
 Evaluation (held-out) images: MNIST test indices {ev[0]}–{ev[1] - 1}; crafting images for the UAPs:
 test indices {cr[0]}–{cr[1] - 1} (disjoint). Random perturbations: {st.draws} draws per image and ε
