@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_error_line, run
 
 from harmless.cli import EXIT_USER_ERROR, main
 
@@ -24,19 +25,6 @@ FACTORY = (
 )
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert all(ln.startswith(("harmless: error: ", "harmless: warning: ")) for ln in lines), err
-    errors = [ln for ln in lines if ln.startswith("harmless: error: ")]
-    assert len(errors) == 1, f"expected one error line on stderr, got: {err!r}"
-    return errors[0]
 
 
 @pytest.fixture

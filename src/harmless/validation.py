@@ -18,7 +18,7 @@ import torch
 from harmless.errors import InputError
 
 __all__ = [
-    "batch", "bounds", "float_dtype", "fraction", "generator", "is_int", "is_real", "nonnegative_int",
+    "batch", "bounds", "labels", "float_dtype", "fraction", "generator", "is_int", "is_real", "nonnegative_int",
     "nonnegative_number", "positive_int", "positive_number", "real_number", "shape",
 ]
 
@@ -125,3 +125,13 @@ def batch(value: object, sample_shape: Sequence[int], name: str = "delta") -> to
     if not bool(torch.isfinite(value).all()):
         raise InputError(f"{name} contains non-finite values (nan or inf)")
     return value.detach()
+
+
+def labels(value: object, count: int, name: str = "y") -> torch.Tensor:
+    """Class labels: an int64 tensor of shape ``(count,)`` with entries >= 0."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or tuple(value.shape) != (count,):
+        got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InputError(f"{name} must be an int64 tensor of shape ({count},) (one label per sample), got {got}")
+    if bool((value < 0).any()):
+        raise InputError(f"labels must be >= 0, got {int(value.min())}")
+    return value

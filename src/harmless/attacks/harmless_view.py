@@ -168,11 +168,7 @@ def equivalent_check(model: nn.Module, space: HarmlessSubspace, x: torch.Tensor,
     validation.generator(generator)
     b = x0.shape[0]
     if y is not None:
-        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (b,):
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise InputError(f"y must be an int64 tensor of shape ({b},) (one label per sample), got {got}")
-        if bool((y < 0).any()):
-            raise InputError(f"labels must be >= 0, got {int(y.min())}")
+        validation.labels(y, b)
 
     m64 = _float64_model(model)
     device = next((t.device for t in m64.parameters()), x0.device)

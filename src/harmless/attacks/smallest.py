@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harmless import validation
 from harmless.attacks.base import AttackResult, Bounds
 from harmless.attacks.harmless_view import _float64_model, _relative
 from harmless.errors import InputError
@@ -139,11 +140,7 @@ class SmallestEquivalent:
         if success is not None and tuple(success.shape) != (b,):
             raise InputError(f"the AttackResult's success must have shape ({b},), got {tuple(success.shape)}")
         if y is not None:
-            if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (b,):
-                got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-                raise InputError(f"y must be an int64 tensor of shape ({b},) (one label per sample), got {got}")
-            if bool((y < 0).any()):
-                raise InputError(f"labels must be >= 0, got {int(y.min())}")
+            validation.labels(y, b)
 
         proj = self._projector(problem, x_adv, x0)
         # The interior-point answer is optimal only up to its certificate (its iterates stay
