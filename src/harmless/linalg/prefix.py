@@ -406,7 +406,6 @@ def _walk(traced: Traced, source: torch.fx.Node, first: torch.fx.Node | None, in
     prev = source
     for node in chain:
         op, why = _operator_for_node(node, prev, gm, values, input_dependent, dtype, device)
-        defect, kind = math.nan, "unsupported"
         if op is not None:
             out_dtype = values[node].dtype
             tol = step_tolerance(out_dtype)
@@ -421,18 +420,12 @@ def _walk(traced: Traced, source: torch.fx.Node, first: torch.fx.Node | None, in
                 prev = node
                 continue
             if not why:
-                why = (f"its output is affine but differs from the engine's model of it (defect {defect:.1e} > "
-                       f"{tol:.0e}); the run stops before it")
-        if _per_sample_shape(values.get(node)) is not None:
-            second = _second_difference(values[node])
-            if second > step_tolerance(values[node].dtype):
-                measured = f", defect {defect:.1e})" if math.isfinite(defect) else ")"
-                kind, why = "nonlinear", (f"its output is not affine in its input (measured second difference "
-                                          f"{second:.1e}" + measured)
-        stop = _Stop(node, kind, why)
+                why = f"its output differs from the engine's linear model of it (defect {defect:.1e} > {tol:.0e})"
+        # The step failed: a second difference tells a step that is not affine (the run is then
+        # the whole linear prefix) from one the engine misread (the run is only shorter).
+        stop = _Stop(node, "unsupported", why)
         break
-    else:
-        stop = _confirm_stop(stop, values)
+    stop = _confirm_stop(stop, values)
 
     start_shape = _per_sample_shape(src_value)
     assert start_shape is not None
