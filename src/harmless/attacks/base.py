@@ -91,44 +91,51 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.dev
     return None, None
 
 
+def check_images(model: nn.Module, x: object, bounds: Bounds | None, name: str = "x",
+                 sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A non-empty floating batch (of ``sample_shape`` when given), finite, inside ``bounds``
+    (unless None), in the model's dtype and on its device; returned detached (the checks read
+    values only, and a caller's tensor may require grad)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be floating point (float32 or float64), got {x.dtype}")
+    if x.dim() < 2:
+        raise InputError(f"{name} must be a batch (B, ...) with at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError(f"{name} is an empty batch (B = 0)")
+    if x.numel() == 0:
+        raise InputError(f"{name} has no features: shape {tuple(x.shape)}")
+    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
+        raise InputError(f"{name} must have shape (B, {', '.join(map(str, sample_shape))}), got {tuple(x.shape)}")
+    x = x.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"{name} contains NaN or infinite values")
+    if bounds is not None:
+        lo, hi = bounds
+        xmin, xmax = float(x.min()), float(x.max())
+        if xmin < lo or xmax > hi:
+            raise InputError(f"{name} must lie inside the bounds [{lo}, {hi}], its values span "
+                             f"[{xmin:.6g}, {xmax:.6g}] (images in [0, 1]: normalisation belongs inside the model)")
+    dtype, device = _model_dtype_device(model)
+    if dtype is not None and dtype != x.dtype:
+        raise InputError(f"the model is in {dtype} but {name} is {x.dtype}; attacks follow the input's dtype, "
+                         f"so convert one of them (e.g. model.to({x.dtype}))")
+    if device is not None and device != x.device:
+        raise InputError(f"the model is on {device} but {name} is on {x.device}; move them to one device")
+    return x
+
+
 def check_data(model: object, x: object, y: object, bounds: Bounds) -> None:
     """Everything an attack needs to know about its data, checked once at the entry point."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"x must be floating point (float32 or float64), got {x.dtype}")
-    if x.dim() < 2:
-        raise InputError(f"x must be a batch (B, ...) with at least 2 dimensions, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise InputError("x is an empty batch (B = 0)")
-    if x.numel() == 0:
-        raise InputError(f"x has no features: shape {tuple(x.shape)}")
-    x = x.detach()  # a caller's x may require grad; the checks read values only
-    if not bool(torch.isfinite(x).all()):
-        raise InputError("x contains NaN or infinite values")
-    lo, hi = bounds
-    xmin, xmax = float(x.min()), float(x.max())
-    if xmin < lo or xmax > hi:
-        raise InputError(f"x must lie inside the bounds [{lo}, {hi}], its values span [{xmin:.6g}, {xmax:.6g}]"
-                         " (images in [0, 1]: normalisation belongs inside the model)")
+    xs = check_images(model, x, bounds)
     if not isinstance(y, torch.Tensor):
         raise InputError(f"y must be a torch.Tensor of int64 labels, got {type(y).__name__}")
-    if y.dtype != torch.int64:
-        raise InputError(f"y must hold int64 class labels, got {y.dtype}")
-    if y.shape != (x.shape[0],):
-        raise InputError(f"y must have shape ({x.shape[0]},) (one label per sample of x), got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise InputError(f"y is on {y.device} but x is on {x.device}")
-    if bool((y < 0).any()):
-        raise InputError(f"labels must be >= 0, got {int(y.min())}")
-    dtype, device = _model_dtype_device(model)
-    if dtype is not None and dtype != x.dtype:
-        raise InputError(f"the model is in {dtype} but x is {x.dtype}; attacks follow the input's dtype, "
-                         f"so convert one of them (e.g. model.to({x.dtype}))")
-    if device is not None and device != x.device:
-        raise InputError(f"the model is on {device} but x is on {x.device}; move them to one device")
+    if y.device != xs.device:
+        raise InputError(f"y is on {y.device} but x is on {xs.device}")
+    validation.labels(y, xs.shape[0])
 
 
 def check_logits(logits: torch.Tensor, y: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmless import validation
-from harmless.attacks.base import Bounds, _model_dtype_device, check_norm
+from harmless.attacks.base import Bounds, check_images, check_norm
 from harmless.attacks.deepfool import DeepFool
 from harmless.attacks.gradient import _direction, _project
 from harmless.errors import InputError
@@ -83,30 +83,6 @@ class UniversalResult:
 
 # -- data checks ------------------------------------------------------------------------------
 
-def _check_images(model: nn.Module, x: object, bounds: Bounds | None, name: str,
-                  sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """A non-empty floating batch, finite, inside ``bounds``, in the model's dtype and on its device."""
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
-        raise InputError(f"{name} must be a non-empty batch (B, ...) of images, got shape {tuple(x.shape)}")
-    want = tuple(x.shape[1:]) if sample_shape is None else sample_shape
-    t = validation.batch(x, want, name)
-    if bounds is not None:
-        lo, hi = bounds
-        t_min, t_max = float(t.min()), float(t.max())
-        if t_min < lo or t_max > hi:
-            raise InputError(f"{name} must lie inside the bounds [{lo}, {hi}], its values span "
-                             f"[{t_min:.6g}, {t_max:.6g}] (images in [0, 1]: normalisation belongs inside the model)")
-    dtype, device = _model_dtype_device(model)
-    if dtype is not None and dtype != t.dtype:
-        raise InputError(f"the model is in {dtype} but {name} is {t.dtype}; convert one of them "
-                         f"(e.g. model.to({t.dtype}))")
-    if device is not None and device != t.device:
-        raise InputError(f"the model is on {device} but {name} is on {t.device}; move them to one device")
-    return t
-
-
 def _check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -144,7 +120,7 @@ def fooling_rate(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *,
     untouched."""
     model = _check_model(model)
     b = None if bounds is None else validation.bounds(bounds)
-    xs = _check_images(model, x, b, "x")
+    xs = check_images(model, x, b, "x")
     vs = _check_v(v, tuple(xs.shape[1:]), xs)
     with eval_mode(model, who="fooling_rate evaluates it", stacklevel=4):
         y0 = _predict(model, xs)
@@ -181,8 +157,8 @@ class _Universal:
         report its fooling rate there and, if given, on ``x_holdout`` (images the crafting never
         saw)."""
         model = _check_model(model)
-        xc = _check_images(model, x_craft, self.bounds, "x_craft").clone()
-        xh = None if x_holdout is None else _check_images(model, x_holdout, self.bounds, "x_holdout",
+        xc = check_images(model, x_craft, self.bounds, "x_craft").clone()
+        xh = None if x_holdout is None else check_images(model, x_holdout, self.bounds, "x_holdout",
                                                           tuple(xc.shape[1:])).clone()
         validation.generator(generator)
         with eval_mode(model, who=f"{type(self).__name__} evaluates it", stacklevel=4):
