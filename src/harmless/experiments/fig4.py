@@ -36,7 +36,7 @@ from torch import nn
 
 import harmless
 from harmless.attacks import FGSM, PGD, Attack, DeepFool, EquivalenceReport, equivalent_check, harmless_fraction
-from harmless.experiments.common import Table, provenance, save_figure, save_text
+from harmless.experiments.common import Table, one_torch_thread, provenance, save_figure, save_text
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist")
 #: ‖h‖ = s‖δ‖ for the equivalent adversarial space.
@@ -275,9 +275,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None,
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: one thread is about as fast, and shares the machine
-    try:
+    with one_torch_thread():
         start = time.perf_counter()
         images = 100 if quick else 1000
         todo = list(cases) if cases is not None else mlp5_cases(images, data_dir)
@@ -292,8 +290,6 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None,
         text = _markdown(results, figure_samples, seconds, quick) + provenance(cmd)
         out_dir.mkdir(parents=True, exist_ok=True)
         return [save_text(text, out_dir / "fig4.md"), save_figure(fig, out_dir / "fig4.png")]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _figure_indices(r: CaseResult, k: int = 2) -> list[int]:

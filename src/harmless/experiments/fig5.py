@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
+from harmless.experiments.common import Table, accuracy, one_torch_thread, provenance, save_figure, save_text
 from harmless.fingerprint import (
     DEFAULT_MAGNITUDE_RATIO,
     Fingerprint,
@@ -265,9 +265,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
     from harmless.data import as_tensors, load_dataset
     from harmless.models import get_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: one thread is as fast and shares the machine
-    try:
+    with one_torch_thread():
         start = time.perf_counter()
         trained = get_model("mlp5:mnist", data_dir=data_dir, progress=False)
         a = trained.model.eval()
@@ -444,8 +442,6 @@ Run time: {seconds:.0f} s.
         out_dir.mkdir(parents=True, exist_ok=True)
         return [save_text(text, out_dir / "fig5.md"), save_figure(fig, out_dir / "fig5.png"),
                 save_figure(fig_roc, out_dir / "fig5_roc.png")]
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()

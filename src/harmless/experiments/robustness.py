@@ -47,7 +47,7 @@ from torch import nn
 
 import harmless
 from harmless.attacks import PGD, DeepFool, SGDUniversal, UniversalPerturbation, UniversalResult, harmless_fraction
-from harmless.experiments.common import Table, provenance, save_figure, save_text
+from harmless.experiments.common import Table, one_torch_thread, provenance, save_figure, save_text
 
 SPEC = "mlp5:mnist"
 #: The category threshold: "almost every" / "most" read as a majority.
@@ -333,9 +333,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
     from harmless.models import get_model
 
     out_dir = Path(out_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: one thread is about as fast, and shares the machine
-    try:
+    with one_torch_thread():
         start = time.perf_counter()
         st = Settings.of(quick)
         grids = QUICK_GRIDS if quick else GRIDS
@@ -363,8 +361,6 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
         fig = _figure(plt, results, spec, x_eval, model)
         out_dir.mkdir(parents=True, exist_ok=True)
         return [save_text(text, out_dir / "robustness.md"), save_figure(fig, out_dir / "robustness.png")]
-    finally:
-        torch.set_num_threads(threads)
 
 
 # -- report ------------------------------------------------------------------------------------------
