@@ -52,8 +52,8 @@ class _Tracer(torch.fx.Tracer):
 
 @dataclass
 class Traced:
-    """A traced module: its graph module, the sub-modules kept opaque (name -> why) and the
-    values to feed its placeholders, in order."""
+    """A traced module: its graph module and the sub-modules kept opaque (name -> why fx
+    could not trace into them)."""
 
     gm: torch.fx.GraphModule
     opaque: dict[str, str] = field(default_factory=dict)
