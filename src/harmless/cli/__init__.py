@@ -1,4 +1,4 @@
-"""The ``harmless`` command-line tool (one module per larger command: ``analyze``, ``attack``).
+"""The ``harmless`` command-line tool (one module per larger command: ``analyze``, ``attack``, ``privatize``).
 
 Sits on top of everything else: it parses arguments, calls the library, prints. A user
 mistake (a :class:`~harmless.errors.HarmlessError`) is one line on stderr and exit code 2;
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harmless import __version__
-from harmless.cli import analyze, attack
+from harmless.cli import analyze, attack, privatize
 from harmless.cli.common import (
     ALLOW_TRAINING,
     EXIT_USER_ERROR,
@@ -124,24 +124,6 @@ def cmd_fingerprint_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.same else 1
 
 
-def cmd_privatize(args: argparse.Namespace) -> int:
-    from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace
-    from harmless.privacy.job import privatize_files
-    from harmless.privacy.tiles import Tiling, tiling
-
-    model, shape = resolve_model(args.model, weights=args.weights, input_shape=args.input_shape,
-                                 data_dir=args.data_dir)
-    space: HarmlessSubspace | Tiling
-    if args.tile is not None:
-        space = tiling(model, shape, args.tile)
-    else:
-        space = harmless_subspace(model, shape)
-    report = privatize_files(space, args.inputs, args.out, method=args.method, decoy=args.decoy,
-                             batch_size=args.batch_size, seed=args.seed)
-    print(f"wrote {report} (and report.md, side_by_side.png, one .privatized.png/.safetensors per image)")
-    return 0
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from harmless.experiments import run_experiment
 
@@ -231,23 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_fingerprint_parser(sub)
 
-    pv = sub.add_parser("privatize", help="hide images behind harmless perturbations (same model output)")
-    pv.add_argument("model", metavar="MODEL", help="zoo spec, TorchScript file or package.module:factory")
-    pv.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
-    pv.add_argument("--out", required=True, help="output folder (never one of the inputs' files)")
-    pv.add_argument("--method", choices=["decoy", "paper"], default="decoy",
-                    help="decoy: the same-output image closest to a decoy (convex, exact); paper: Algorithm 1")
-    pv.add_argument("--decoy", default="grey", help="grey, noise, shift (another input) or an image file")
-    pv.add_argument("--tile", type=int, metavar="T",
-                    help="solve tile by tile (T x T tiles): for large images and a first convolution with "
-                         "kernel = stride = T and no padding; checked before use")
-    pv.add_argument("--batch-size", type=int, default=16)
-    pv.add_argument("--seed", type=int, default=0)
-    pv.add_argument("--weights", help="state-dict file for MODEL")
-    pv.add_argument("--input-shape", help="C,H,W for models outside the zoo")
-    pv.add_argument("--data-dir", help="user-supplied dataset folder")
-    add_no_train(pv)
-    pv.set_defaults(func=cmd_privatize)
+    privatize.add_parser(sub)
 
     attack.add_parser(sub)
 
