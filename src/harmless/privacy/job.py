@@ -9,14 +9,25 @@ Every file is written atomically; an output path that is one of the inputs is re
 run that was interrupted resumes, skipping images whose outputs are already complete. Each
 exact output records, in its safetensors metadata, the method that made it and its metrics:
 a resumed run reports them from there, and refuses to mix in another method.
+
+Each image's outputs depend on that image, the model, the settings and the seed only, never on
+which images share its batch, their order, or how many processes share the work: every image
+is solved on its own (batched solves agree only to ~1e-15), on one torch thread (results on
+one and on two threads differ in the last bits), with its random numbers (``noise`` decoys,
+the paper method's start) drawn from a generator seeded by the run's seed and the image's
+file name. So a resumed run, or one spread over Ray workers (:mod:`harmless.privacy.distributed`),
+writes the same bytes as one uninterrupted single-process run on the same machine
+(:class:`PrivatizeRun` is the part they share).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -151,37 +162,137 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
                     seed: int = 0) -> Path:
     """Privatise every image in ``inputs`` into ``out_dir``; returns the JSON report's path.
     ``method``: ``"decoy"`` (:class:`~harmless.privacy.DecoyPrivatizer`; ``decoy``: ``"grey"``,
-    ``"noise"``, ``"shift"`` or an image file) or ``"paper"``
-    (:class:`~harmless.privacy.PaperPrivatizer`). ``space`` may be a
-    :class:`~harmless.privacy.tiles.Tiling`: every QP is then solved tile by tile, which is what
-    makes large images (224 px and more) tractable."""
+    ``"noise"``, ``"shift"`` (each image hides behind the input before it, the first behind the
+    last) or an image file) or ``"paper"`` (:class:`~harmless.privacy.PaperPrivatizer`).
+    ``space`` may be a :class:`~harmless.privacy.tiles.Tiling`: every QP is then solved tile by
+    tile, which is what makes large images (224 px and more) tractable. ``batch_size`` images
+    are read and written at a time (it does not change the results)."""
     from tqdm import tqdm
 
-    _check_run(space.whole if isinstance(space, Tiling) else space, method, batch_size)
-    out_dir = require_folder_path(out_dir)
-    sources = _collect_inputs(inputs, out_dir)
-    solver = _BatchSolver.make(space, method, decoy, seed)
-    records, todo = _resume(sources, out_dir, solver.label)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    run = PrivatizeRun.plan(space, inputs, out_dir, method=method, decoy=decoy, batch_size=batch_size, seed=seed)
+    records = list(run.done)
+    shown: list[Shown] = []
     # a tiled run counts tiles (a single 4000x4000 image is 10^5 tiles and many minutes); the bar
     # shows on a terminal only
-    bar = tqdm(total=len(todo) * solver.per_image, desc="privatize", unit="tile" if solver.tiles else "image",
-               disable=not progress or None)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        x = torch.stack([read_image(p, solver.whole.input_shape) for p in batch]).to(solver.part.dtype)
-        solved = solver.solve(x, bar.update)
-        records += [_write_outputs(src, out_dir, solved, i, solver.label) for i, src in enumerate(batch)]
-        if len(shown) < _SHOWN:
-            shown += solver.figure_rows(x, solved.x_hat, _SHOWN - len(shown))
+    bar = tqdm(total=run.total_steps, desc="privatize", unit=run.unit, disable=not progress or None)
+    with one_torch_thread():
+        for start in range(0, len(run.todo), batch_size):
+            batch = run.todo[start:start + batch_size]
+            new, rows = run.privatize(batch, bar.update)
+            records += new
+            shown += rows
     bar.close()
-    order = {p.stem: i for i, p in enumerate(sources)}
-    records.sort(key=lambda r: order[Path(r.source).stem])  # in input order, resumed or not
-    json_path = _write_report(out_dir, records, solver, method, decoy)
-    if shown:
-        _figure(shown, out_dir / _FIGURE)
-    return json_path
+    return run.finish(records, shown)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block on one torch thread (then restore the count): the bits of a solve depend
+    on the thread count, and one thread per process is what makes every engine agree."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def image_generator(seed: int, name: str) -> torch.Generator:
+    """The random generator of one image: seeded by the run's ``seed`` and the image's file
+    ``name`` (unique in a run), so its draws do not depend on the other images or their order."""
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+#: (original, privatised, the attacker's reconstruction) of one image, for the figure.
+FigureRow = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: An image of the figure: its source file's name and its :data:`FigureRow`.
+Shown = tuple[str, FigureRow]
+
+
+@dataclass
+class PrivatizeRun:
+    """One run of :func:`privatize_files`, planned (settings checked, inputs collected, finished
+    images found) and split into the steps every engine shares: :meth:`privatize` a list of the
+    images still to do (in any grouping, order or process), then :meth:`finish` with all the
+    records. A run pickles (the dense data of its subspace are made by each process that
+    solves, once)."""
+
+    solver: _BatchSolver
+    out_dir: Path
+    sources: list[Path]  # every input, in input order
+    done: list[ImageRecord]  # the images an earlier run finished
+    todo: list[Path]  # the images still to do, in input order
+    method: str
+    decoy: str
+
+    @classmethod
+    def plan(cls, space: HarmlessSubspace | Tiling, inputs: Sequence[str | Path], out_dir: str | Path, *,
+             method: str = "decoy", decoy: str = "grey", batch_size: int = 16, seed: int = 0) -> PrivatizeRun:
+        """Check the settings and the inputs, find what an earlier run finished, and make the
+        output folder; nothing is solved yet."""
+        _check_run(space.whole if isinstance(space, Tiling) else space, method, batch_size)
+        folder = require_folder_path(out_dir)
+        sources = _collect_inputs(inputs, folder)
+        if method == "decoy" and decoy == "shift" and len(sources) < 2:
+            raise InputError("decoy 'shift' hides each image behind another input: it needs at least 2 images")
+        solver = _BatchSolver.make(space, method, decoy, int(seed))
+        done, todo = _resume(sources, folder, solver.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(solver, folder, sources, done, todo, method, decoy)
+
+    @property
+    def total_steps(self) -> int:
+        """Progress steps of the images still to do: images, or tiles in a tiled run."""
+        return len(self.todo) * self.solver.per_image
+
+    @property
+    def unit(self) -> str:
+        return "tile" if self.solver.tiles else "image"
+
+    def shown(self, src: Path) -> bool:
+        """Whether ``src`` is one of the images of the figure: the first few still to do."""
+        return src in self.todo[:_SHOWN]
+
+    def decoy_source(self, src: Path) -> Path | None:
+        """The image whose pixels are ``src``'s decoy (``shift``: the input before it, the first
+        image's the last); ``None`` for every other decoy."""
+        if not (isinstance(self.solver.decoy, str) and self.solver.decoy == "shift"):
+            return None
+        return self.sources[self._position[src] - 1]
+
+    @cached_property
+    def _position(self) -> dict[Path, int]:
+        return {p: i for i, p in enumerate(self.sources)}
+
+    def privatize(self, batch: Sequence[Path], progress: Callable[[int], object] = lambda k: None,
+                  ) -> tuple[list[ImageRecord], list[Shown]]:
+        """Privatise the images ``batch`` and write their outputs; returns their records and
+        the figure rows of those that are :meth:`shown` (with their file names). ``progress(k)`` after every ``k``
+        images (tiles, in a tiled run). Call it on one torch thread (:func:`one_torch_thread`)."""
+        shape = self.solver.whole.input_shape
+        records: list[ImageRecord] = []
+        rows: list[Shown] = []
+        for src in batch:
+            x = read_image(src, shape).unsqueeze(0).to(self.solver.part.dtype)
+            other = self.decoy_source(src)
+            target = None if other is None else read_image(other, shape).unsqueeze(0).to(self.solver.part.dtype)
+            solved = self.solver.solve(x, image_generator(self.solver.seed, src.name), progress, target=target)
+            records.append(_write_outputs(src, self.out_dir, solved, 0, self.solver.label))
+            if self.shown(src):
+                rows.append((src.name, self.solver.figure_row(x[0], solved.x_hat[0])))
+        return records, rows
+
+    def finish(self, records: Sequence[ImageRecord], shown: Sequence[Shown]) -> Path:
+        """Write the report (records in input order, whatever order they came in) and the
+        figure (``shown``, in any order); returns the JSON report's path."""
+        order = {p.stem: i for i, p in enumerate(self.sources)}
+        ordered = sorted(records, key=lambda r: order[Path(r.source).stem])  # in input order, resumed or not
+        json_path = _write_report(self.out_dir, ordered, self.solver, self.method, self.decoy)
+        if shown:
+            _figure([row for _, row in sorted(shown, key=lambda item: order[Path(item[0]).stem])],
+                    self.out_dir / _FIGURE)
+        return json_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +361,9 @@ class _Solved:
 
 @dataclass
 class _BatchSolver:
-    """Everything a run needs to privatise a batch of whole images: the privatiser, the 8-bit
-    rounding and the attack for the figure (configured once), the dense data of the subspace
-    they solve on (made once for the run), and, for a tiled run, how images split into tiles."""
+    """Everything a run needs to privatise an image: the privatiser, the 8-bit rounding and the
+    attack for the figure (configured once), the dense data of the subspace they solve on (made
+    once per process), and, for a tiled run, how images split into tiles."""
 
     part: HarmlessSubspace  # the subspace every QP is solved on: the image's, or one tile's
     whole: HarmlessSubspace
@@ -260,7 +371,7 @@ class _BatchSolver:
     privatizer: PaperPrivatizer | DecoyPrivatizer
     decoy: str | torch.Tensor | None  # what decoy targets are made from (None: the paper's method)
     label: str  # what each output records as its method
-    generator: torch.Generator
+    seed: int
     quantizer: Quantizer = field(default_factory=Quantizer)
     figure_attack: TVAttack = field(default_factory=TVAttack)
 
@@ -281,13 +392,19 @@ class _BatchSolver:
             kind = decoy if decoy in ("grey", "noise", "shift") else read_image(Path(decoy), whole.input_shape)
             privatizer = DecoyPrivatizer()
             label = "decoy-" + (decoy if isinstance(kind, str) else f"image:{Path(decoy).name}")
-        return cls(part, whole, tiles, privatizer, kind, label, torch.Generator().manual_seed(seed))
+        return cls(part, whole, tiles, privatizer, kind, label, seed)
 
     @cached_property
     def problem(self) -> PrivacyProblem:
-        """The dense data every solve of the run shares, made on the first batch (a resumed run
+        """The dense data every solve of the run shares, made on the first image (a resumed run
         with nothing left to do never needs them)."""
         return PrivacyProblem(self.part)
+
+    def __getstate__(self) -> dict[str, object]:
+        # the dense data are made again by each process that solves, not shipped to it
+        state = dict(self.__dict__)
+        state.pop("problem", None)
+        return state
 
     @property
     def per_image(self) -> int:
@@ -299,19 +416,23 @@ class _BatchSolver:
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.tiles.merge(x) if self.tiles is not None else x
 
-    def solve(self, x: torch.Tensor, progress: Callable[[int], object]) -> _Solved:
-        """Privatise and round the whole images ``x``; ``progress(k)`` after every ``k`` images
-        (tiles, in a tiled run) are done."""
+    def solve(self, x: torch.Tensor, generator: torch.Generator, progress: Callable[[int], object], *,
+              target: torch.Tensor | None = None) -> _Solved:
+        """Privatise and round one whole image ``x`` ``(1, C, H, W)`` with its own random
+        ``generator``; ``target``: its decoy, where the run's decoy is another image
+        (``shift``). ``progress(k)`` after every ``k`` images (tiles, in a tiled run) are done."""
         from harmless.metrics import ssim
 
         xt = self.split(x)
-        # decoys are made on the whole images ('shift' and 'noise' are about images, not tiles),
-        # then cut like them
-        targets = None if self.decoy is None else self.split(make_decoy(self.decoy, x, generator=self.generator))
+        # decoys are made on the whole image ('noise' is about images, not tiles), then cut like it
+        if self.decoy is None:
+            targets = None
+        else:
+            targets = self.split(target if target is not None else make_decoy(self.decoy, x, generator=generator))
         # a tiled run solves a chunk of tiles at a time: one progress step each
         step = _TILE_CHUNK if self.tiles is not None else xt.shape[0]
-        parts = [self._solve_chunk(xt[c0:c0 + step], None if targets is None else targets[c0:c0 + step], progress,
-                                   x.shape[0]) for c0 in range(0, xt.shape[0], step)]
+        parts = [self._solve_chunk(xt[c0:c0 + step], None if targets is None else targets[c0:c0 + step], generator,
+                                   progress, x.shape[0]) for c0 in range(0, xt.shape[0], step)]
         hat_t, q_t, box_t, dev_t, naive_t, qdev_t, bound_t = (torch.cat(v) for v in zip(*parts))
         x_hat, x_8bit = self.merge(hat_t), self.merge(q_t)
         quality = ssim(x, x_hat)
@@ -321,25 +442,22 @@ class _BatchSolver:
                                        float(norms[3][i])))) for i in range(x.shape[0])]
         return _Solved(x_hat, x_8bit, metrics)
 
-    def _solve_chunk(self, xc: torch.Tensor, tc: torch.Tensor | None, progress: Callable[[int], object],
-                     images: int) -> tuple[torch.Tensor, ...]:
+    def _solve_chunk(self, xc: torch.Tensor, tc: torch.Tensor | None, generator: torch.Generator,
+                     progress: Callable[[int], object], images: int) -> tuple[torch.Tensor, ...]:
         if isinstance(self.privatizer, DecoyPrivatizer):
             res: PrivatizeResult = self.privatizer(self.problem, xc, target=tc)
         else:
-            res = self.privatizer(self.problem, xc, generator=self.generator)
+            res = self.privatizer(self.problem, xc, generator=generator)
         quant = self.quantizer(self.problem, res.x_hat, xc)
         progress(xc.shape[0] if self.tiles is not None else images)
         return (res.x_hat, quant.improved, res.box_violation, res.output_deviation, quant.naive_deviation,
                 quant.improved_deviation, res.projection.distance_bound)
 
-    def figure_rows(self, x: torch.Tensor, x_hat: torch.Tensor,
-                    want: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(original, privatised, the attacker's TV reconstruction) for the first ``want`` images."""
-        take = min(want, x.shape[0])
+    def figure_row(self, x: torch.Tensor, x_hat: torch.Tensor) -> FigureRow:
+        """(original, privatised, the attacker's TV reconstruction) of one image ``(C, H, W)``."""
         merge = None if self.tiles is None else self.merge  # the prior ties neighbouring tiles together
-        rec = self.figure_attack(self.problem, self.split(x_hat[:take]), images=merge)
-        recon = self.merge(rec.x_rec)
-        return [(x[i], x_hat[i], recon[i]) for i in range(take)]
+        rec = self.figure_attack(self.problem, self.split(x_hat.unsqueeze(0)), images=merge)
+        return x, x_hat, self.merge(rec.x_rec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
