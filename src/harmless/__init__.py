@@ -17,7 +17,11 @@ from harmless.linalg.operators import TorchLinearOperator
 from harmless.linalg.prefix import linear_run
 from harmless.linalg.subspace import HarmlessSubspace, harmless_subspace, least_harmful
 
+# Last: harmless.nonlinear calls down into the names above (linear_run) at run time.
+from harmless.nonlinear import harmless_set
+
 __all__ += [
     "HarmlessError", "InputError", "NoHarmlessSubspaceError", "TooLargeError", "UnsupportedLayerError",
     "TorchLinearOperator", "HarmlessSubspace", "harmless_subspace", "least_harmful", "linear_run",
+    "harmless_set",
 ]

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from harmless.errors import TooLargeError
+from harmless.errors import InputError, TooLargeError
 from harmless.linalg.operators import TorchLinearOperator
 from harmless.linalg.prefix import LinearRun, linear_layers, linear_run
 from harmless.linalg.rank import analyze_rank
@@ -55,27 +55,64 @@ def _row(name: str, kind: str, op: TorchLinearOperator, input_level: bool) -> La
                     method=method, input_level=input_level)
 
 
-def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
-                 progress: bool | None = None) -> tuple[LayerRow, list[LayerRow], LinearRun]:
-    """``(prefix row, per-layer rows, the checked linear run)`` for ``model``.
+def prefix_report(model: nn.Module, input_shape: Sequence[int], *,
+                  dtype: torch.dtype = torch.float64) -> tuple[LayerRow, LinearRun]:
+    """``(prefix row, the checked linear run)``: the input-level harmless subspace alone (the
+    whole model ignores it), without the per-layer ranks, so a caller can answer for the input
+    before the slow per-layer table starts."""
+    run = linear_run(model, input_shape, dtype=dtype)
+    return _row("linear prefix", "+".join(r.kind for r in run.layers) or "identity", run.operator, True), run
 
-    The prefix row is the input-level harmless subspace (the whole model ignores it); the
-    per-layer rows are each layer's own H^(l), a subspace of that layer's input features.
-    A deep model's per-layer ranks take minutes: a progress bar shows them (``progress=None``:
-    only on a terminal, tqdm's own check; ``False``: never).
-    """
+
+def select_layers(names: Sequence[str], layers: str | int | Sequence[str] | None) -> list[int]:
+    """Indices into ``names`` picked by ``layers``: ``None``/``"all"`` every layer, ``"none"`` or
+    ``0`` none, an int ``N`` the first N, a sequence of names those (in the model's order). An
+    unknown name raises :class:`InputError` naming the layers there are."""
+    if layers is None or (isinstance(layers, str) and layers == "all"):
+        return list(range(len(names)))
+    if isinstance(layers, str) and layers == "none":
+        return []
+    if isinstance(layers, bool):
+        raise InputError(f"layers must be 'all', 'none', a count or layer names, got {layers!r}")
+    if isinstance(layers, int):
+        if layers < 0:
+            raise InputError(f"the number of layers must be >= 0, got {layers}")
+        return list(range(min(layers, len(names))))
+    wanted = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise InputError(f"no linear layer named {', '.join(map(repr, unknown))}; the linear layers are: "
+                         f"{shown or 'none'}")
+    return [i for i, n in enumerate(names) if n in set(wanted)]
+
+
+def layer_rows(model: nn.Module, input_shape: Sequence[int], *, layers: str | int | Sequence[str] | None = None,
+               dtype: torch.dtype = torch.float64, progress: bool | None = None) -> list[LayerRow]:
+    """Every (or the selected, see :func:`select_layers`) Linear/Conv layer's own H^(l), a
+    subspace of that layer's input features. A deep model's per-layer ranks take minutes: a
+    progress bar shows them, one step per layer (``progress=None``: only on a terminal,
+    tqdm's own check; ``False``: never)."""
     from tqdm.auto import tqdm
 
-    run = linear_run(model, input_shape, dtype=dtype)
-    prefix = _row("linear prefix", "+".join(r.kind for r in run.layers) or "identity", run.operator, True)
-    layers = linear_layers(model, input_shape, dtype=dtype)
+    found = linear_layers(model, input_shape, dtype=dtype)
+    picked = [found[i] for i in select_layers([rec.name for rec, _ in found], layers)]
     rows = []
-    bar = tqdm(layers, desc="rank per layer", unit="layer", disable=None if progress is None else not progress,
+    bar = tqdm(picked, desc="rank per layer", unit="layer", disable=None if progress is None else not progress,
                leave=False)
     for rec, op in bar:
-        bar.set_postfix_str(rec.name, refresh=False)
+        bar.set_postfix_str(rec.name, refresh=True)
         rows.append(_row(rec.name, rec.kind, op, False))
-    return prefix, rows, run
+    return rows
+
+
+def layer_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
+                 progress: bool | None = None,
+                 layers: str | int | Sequence[str] | None = None) -> tuple[LayerRow, list[LayerRow], LinearRun]:
+    """``(prefix row, per-layer rows, the checked linear run)`` for ``model``: :func:`prefix_report`
+    then :func:`layer_rows` (``layers`` selects the rows, default all)."""
+    prefix, run = prefix_report(model, input_shape, dtype=dtype)
+    return prefix, layer_rows(model, input_shape, layers=layers, dtype=dtype, progress=progress), run
 
 
 def headline(row: LayerRow, run: LinearRun) -> str:

@@ -40,7 +40,6 @@ from functools import cached_property
 
 import numpy as np
 import scipy.linalg
-import scipy.optimize
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -353,6 +352,8 @@ class HarmlessPiece:
     @cached_property
     def implicit_equalities(self) -> np.ndarray:
         """Indices of inequality rows that hold with equality on the whole piece."""
+        import scipy.optimize  # here, not at import time: `import harmless` should not pay for it
+
         tight = np.flatnonzero(self.h <= 0)
         if tight.size == 0:
             return tight
@@ -476,6 +477,8 @@ class HarmlessPiece:
     def extent(self, direction: torch.Tensor, *, rtol: float | None = None) -> float:
         """The largest ``t >= 0`` with ``x + t * direction`` in the piece (``inf``: unbounded;
         ``0``: ``direction`` leaves the affine hull), by an LP (SciPy ``linprog``, HiGHS)."""
+        import scipy.optimize
+
         if not isinstance(direction, torch.Tensor):
             raise InputError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
         d = self._flat(direction.unsqueeze(0))
