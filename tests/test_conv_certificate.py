@@ -28,7 +28,7 @@ import harmless
 from harmless.errors import TooLargeError
 from harmless.linalg.conv_certificate import sweep_certificate
 from harmless.linalg.operators import ChannelScaleOperator, ComposedOperator, ConvOperator
-from harmless.linalg.rank import analyze_rank, conv_windows_disjoint
+from harmless.linalg.rank import SWEEP_BEFORE_GRAM, analyze_rank, conv_windows_disjoint, gram_rank
 from harmless.nn import Normalize
 
 F64 = torch.float64
@@ -236,6 +236,22 @@ def test_normalize_conv_batchnorm_operator_at_224_px() -> None:
     info = analyze_rank(prefix, bases=False)
     assert info.method == "sweep-certificate" and info.dim == 0
     assert any("one factor that decides the nullspace" in note for note in info.notes)
+
+
+def test_mid_size_convolutions_take_the_sweep_before_the_gram_matrix() -> None:
+    """n = 3072 > SWEEP_BEFORE_GRAM: the sweep answers first (the Cholesky route it replaces
+    took 15 s here, see the slow test below)."""
+    op = _op(_conv(2, 3, 64, 7, stride=2, padding=3, seed=6), (3, 32, 32))
+    assert op.n > SWEEP_BEFORE_GRAM
+    info = analyze_rank(op, bases=False)
+    assert info.method == "sweep-certificate" and info.rank == op.n
+
+
+@pytest.mark.slow
+def test_mid_size_sweep_agrees_with_the_gram_cholesky_certificate() -> None:
+    op = _op(_conv(2, 3, 64, 7, stride=2, padding=3, seed=6), (3, 32, 32))
+    gram = gram_rank(op, bases=False)  # the 3072 x 3072 Gram matrix, factorised
+    assert gram.method == "gram-cholesky" and gram.rank == analyze_rank(op, bases=False).rank == op.n
 
 
 @pytest.mark.slow

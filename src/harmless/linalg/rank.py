@@ -2,8 +2,8 @@
 ``dim = n - rank(A)``), by the cheapest method that is exact for it.
 
 Methods (``method="auto"`` uses the cheapest exact one that applies: disjoint-window
-structure, then the Cholesky certificate, then a dense SVD, then the Gram eigenvalues, and
-for a convolution too large for any of them the sweep certificate):
+structure, the sweep certificate for a convolution whose Gram matrix would be large, then
+the Cholesky certificate, then a dense SVD, then the Gram eigenvalues):
 
 ``dense-svd``
     The matrix is built (``m * n`` up to a limit) and its singular values computed with
@@ -18,11 +18,12 @@ for a convolution too large for any of them the sweep certificate):
     (squaring the matrix halves the usable precision, so the threshold is wider; the gap
     between kept and dropped values is reported).
 ``sweep-certificate``
-    For a zero-padded convolution too large for the routes above: the matrix is block
-    triangular when the windows are swept in order, so the ranks of a handful of small
-    diagonal blocks bound its rank from below; when that bound meets ``min(m, n_read)`` the
-    rank is exact (:mod:`harmless.linalg.conv_certificate`). ResNet's 7x7/s2/p3 stem at
-    224 px is certified injective this way in milliseconds.
+    For a zero-padded convolution whose smaller side exceeds ``SWEEP_BEFORE_GRAM`` (or the
+    Gram limit): the matrix is block triangular when the windows are swept in order, so the
+    ranks of a handful of small diagonal blocks bound its rank from below; when that bound
+    meets ``min(m, n_read)`` the rank is exact (:mod:`harmless.linalg.conv_certificate`).
+    ResNet's 7x7/s2/p3 stem at 224 px is certified injective this way in milliseconds.
+    When it does not meet, the routes below run as if the sweep had not been tried.
 ``structure``
     Composition with bijections (BatchNorm, Normalize, reshapes) keeps the dimension, so
     only the one non-bijective factor is analysed. A convolution whose windows do not
@@ -56,6 +57,11 @@ from harmless.linalg.operators import (
 
 #: Largest ``n`` for which the ``n x n`` Gram matrix is formed and eigen-decomposed.
 DEFAULT_GRAM_LIMIT = 12_288
+#: Above this smaller side (or above the Gram limit), a convolution is offered to the sweep
+#: certificate before any Gram matrix is formed: the sweep takes milliseconds at any size,
+#: a Cholesky factorisation of a Gram matrix of side s about s^3 / 3 flops (a minute at the
+#: Gram limit). Below it the Gram route is as cheap and is kept.
+SWEEP_BEFORE_GRAM = 2_048
 
 
 @dataclass
@@ -345,6 +351,19 @@ def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: 
         return RankResult(n=op.n, m=op.m, rank=op.n - (core.n - rank), method="structure",  # type: ignore[union-attr]
                           notes=note + notes)
     small_side = min(op.m, op.n)
+    sweep = None
+    if isinstance(core, ConvOperator) and small_side > min(gram_limit, SWEEP_BEFORE_GRAM):
+        # The sweep certificate decides a large zero-padded convolution (ResNet's 7x7/s2 stem
+        # at 224 px) from a handful of small SVDs, in milliseconds; a Gram matrix of side s
+        # costs s applications of the operator and s^3 / 3 flops to factorise.
+        from harmless.linalg.conv_certificate import sweep_certificate  # it imports svd_rank from here
+
+        sweep = sweep_certificate(core)
+        if sweep.rank is not None:
+            note = [] if core is op else ["rank of the one factor that decides the nullspace (ConvOperator); "
+                                          "the others are bijections before it or injective maps after it"]
+            return RankResult(n=op.n, m=op.m, rank=op.n - (core.n - sweep.rank), method="sweep-certificate",
+                              notes=note + sweep.notes)
     if small_side <= gram_limit:
         certified = _full_rank_certificate(op)
         if certified is not None:
@@ -355,21 +374,12 @@ def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: 
         return gram_rank(op, limit=gram_limit, bases=False)
     prediction = ""
     if isinstance(core, ConvOperator):
-        # Too large for every matrix route: the sweep certificate decides large zero-padded
-        # convolutions (ResNet's 7x7/s2 stem at 224 px) from a handful of small SVDs.
-        from harmless.linalg.conv_certificate import sweep_certificate  # it imports svd_rank from here
-
-        cert = sweep_certificate(core)
-        if cert.rank is not None:
-            note = [] if core is op else ["rank of the one factor that decides the nullspace (ConvOperator); "
-                                          "the others are bijections before it or injective maps after it"]
-            return RankResult(n=op.n, m=op.m, rank=op.n - (core.n - cert.rank), method="sweep-certificate",
-                              notes=note + cert.notes)
         failed = corollary1_conditions(core)
         prediction = (f"; Corollary 1's conditions hold, so dim = n - m = {op.n - op.m} is likely but not certified"
                       if not failed else f"; Corollary 1 does not apply ({'; '.join(failed)})")
-        prediction += f"; the sweep certificate does not apply ({cert.reason})"
-        if cert.unread:
-            prediction += f"; {cert.unread:,} input entries are read by no window, so dim >= {cert.unread:,}"
+        if sweep is not None:
+            prediction += f"; the sweep certificate does not apply ({sweep.reason})"
+            if sweep.unread:
+                prediction += f"; {sweep.unread:,} input entries are read by no window, so dim >= {sweep.unread:,}"
     raise TooLargeError(f"no exact rank method fits this {op.m} x {op.n} operator: its matrix exceeds the dense "
                         f"limit {dense_limit:,} and its Gram matrices the limit {gram_limit:,}{prediction}")
