@@ -1,16 +1,19 @@
 """harmless.attacks.SmallestEquivalent: the image nearest x among those the model cannot tell
 from x_adv, checked against Clarabel (an independent interior-point QP solver) and a SciPy
 null-space closed form, plus the invariants: shrink ≤ 1, the same float64 logits and labels,
-the bounds, inputs untouched, bad input refused."""
+the bounds, inputs untouched, bad input refused; and the L∞ version (an LP) against a dense
+HiGHS LP in another formulation and method, over random configurations."""
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import harmless
-from harmless.attacks import FGSM, PGD, DeepFool, SmallestEquivalent, SmallestEquivalentResult
+from harmless.attacks import FGSM, PGD, DeepFool, LPCertificate, SmallestEquivalent, SmallestEquivalentResult
 from harmless.errors import InputError
 
 
@@ -251,3 +254,142 @@ def test_injective_model_is_refused():
     x = _images((5,), 2, seed=15)
     with pytest.raises(harmless.NoHarmlessSubspaceError):
         SmallestEquivalent()(model, space, x, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The L∞ smallest equivalent (an LP solved by HiGHS per image).
+
+
+def _dense_lp_oracle(a: np.ndarray, x_adv: np.ndarray, x: np.ndarray) -> float:
+    """min ‖y − x‖∞ s.t. a (y − x_adv) = 0, 0 ≤ y ≤ 1: another formulation (variables y and t,
+    the prefix's own matrix ``a``, not an orthonormal row basis) and another HiGHS method (the
+    dual simplex, where ours uses the interior-point method)."""
+    from scipy.optimize import linprog
+
+    m, n = a.shape
+    eye, ones = np.eye(n), np.ones((n, 1))
+    a_ub = np.block([[eye, -ones], [-eye, -ones]])
+    b_ub = np.concatenate([x, -x])
+    a_eq = np.hstack([a, np.zeros((m, 1))])
+    cost = np.zeros(n + 1)
+    cost[n] = 1.0
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=a @ x_adv, bounds=[(0, 1)] * n + [(0, None)],
+                  method="highs-ds", options={"primal_feasibility_tolerance": 1e-10,
+                                              "dual_feasibility_tolerance": 1e-10})
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+def _check_linf(s: SmallestEquivalentResult, a: np.ndarray, x_adv: torch.Tensor, x: torch.Tensor) -> None:
+    """Feasible, harmless, and L∞-optimal against the dense oracle, within its certificate."""
+    b = x.shape[0]
+    assert s.norm == "inf"
+    assert float(s.x_small.min()) >= -1e-12 and float(s.x_small.max()) <= 1 + 1e-12
+    moved = (s.x_small.reshape(b, -1) - x_adv.double().reshape(b, -1)).numpy()
+    assert np.abs(moved @ a.T).max() <= 1e-10  # A(x_small − x_adv) = 0: harmless
+    assert s.max_output_diff <= 1e-10 and bool(s.label_kept.all())
+    cert = s.certificate
+    assert float(cert.gap.min()) >= -1e-12  # weak duality, up to round-off
+    assert float(s.optimality_bound.max()) <= 1e-6
+    for k in range(b):
+        ref = _dense_lp_oracle(a, x_adv[k].double().flatten().numpy(), x[k].double().flatten().numpy())
+        ours = float(s.linf_after[k])
+        assert ref - 1e-7 <= ours <= ref + float(cert.optimality_bound[k]) + 1e-7, (k, ours, ref)
+        assert float(cert.lower_bound[k]) <= ref + 1e-7  # the certificate is a true lower bound
+        assert ours <= float(s.linf_before[k])  # never worse than x_adv itself
+
+
+@pytest.mark.parametrize(("m", "attack"), [(10, "pgd2"), (22, "pgd2"), (10, "fgsm"), (22, "deepfool")])
+def test_linf_matches_a_dense_lp(m, attack):
+    model = _linear_model(n=30, m=m)
+    space = harmless.harmless_subspace(model, (30,))
+    x = _images((30,), 6, seed=21)
+    y = _labels(model, x)
+    atk = {"pgd2": PGD(eps=1.0, steps=10, norm=2, random_start=False), "fgsm": FGSM(0.2),
+           "deepfool": DeepFool()}[attack]
+    r = atk(model, x, y)
+    s = SmallestEquivalent(norm="inf")(model, space, r, x)
+    _check_linf(s, model[0].weight.detach().numpy(), r.x_adv, x)
+    assert torch.equal(s.success_small, r.success)
+
+
+def test_linf_on_a_conv_model_float32_batch_and_inputs():
+    model = _conv_model(seed=3)
+    space = harmless.harmless_subspace(model, (1, 8, 8))
+    x = _images((1, 8, 8), 5, seed=22, dtype=torch.float32)
+    r = PGD(eps=1.0, steps=10, norm=2)(model, x, _labels(model, x), generator=torch.Generator().manual_seed(0))
+    x0, xa0 = x.clone(), r.x_adv.clone()
+    smallest = SmallestEquivalent(norm="inf")
+    s = smallest(model, space, r, x)
+    assert torch.equal(x, x0) and torch.equal(r.x_adv, xa0)  # inputs untouched
+    assert s.x_small.dtype == torch.float64 and s.x_small.shape == x.shape
+    _check_linf(s, _stem_matrix(model, (1, 8, 8)), r.x_adv, x)
+    assert float(s.shrink_linf.nanmedian()) < 1  # an L2 attack's δ has L∞ to spare
+    single = torch.cat([smallest(model, space, r.x_adv[k:k + 1], x[k:k + 1]).x_small for k in range(5)])
+    # one LP per image; only the repair's round-off (its batched projections) may differ
+    assert torch.allclose(s.x_small, single, atol=1e-9, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10**6), m=st.integers(3, 26), zero_frac=st.floats(0.0, 0.8), scale=st.floats(0.01, 1.0))
+def test_linf_property_against_the_oracle(seed, m, zero_frac, scale):
+    # Any x_adv in the box (not only attacks): a random move, clipped, from images with pixels at 0.
+    model = _linear_model(seed=seed % 1000, n=30, m=m)
+    space = harmless.harmless_subspace(model, (30,))
+    x = _images((30,), 3, seed=seed, zero_frac=zero_frac)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_adv = (x + scale * torch.randn(3, 30, generator=g, dtype=torch.float64)).clamp(0, 1)
+    s = SmallestEquivalent(norm="inf")(model, space, x_adv, x)
+    _check_linf(s, model[0].weight.detach().numpy(), x_adv, x)
+
+
+def test_linf_of_an_unclipped_sign_step_is_already_minimal():
+    # FGSM's δ = ε sign(g) with g = Aᵀv in the row space: every d with A d = A δ has
+    # ε‖g‖₁ = g·δ = g·d ≤ ‖g‖₁‖d‖∞ (Hölder), so ‖d‖∞ ≥ ε: nothing can be removed in L∞ while the
+    # box does not bind (images in [0.3, 0.7], ε = 0.1), whatever the L2 shrink.
+    model = _linear_model(seed=23, n=30, m=10)
+    space = harmless.harmless_subspace(model, (30,))
+    x = 0.3 + 0.4 * torch.rand(4, 30, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    r = FGSM(0.1)(model, x, _labels(model, x))
+    s = SmallestEquivalent(norm="inf")(model, space, r, x)
+    assert torch.allclose(s.shrink_linf, torch.ones(4, dtype=torch.float64), atol=1e-9)
+    assert float(SmallestEquivalent()(model, space, r, x).shrink_l2.max()) < 0.99  # L2 does shrink
+
+
+def test_linf_zero_perturbation_and_other_bounds():
+    model = _linear_model(seed=25)
+    space = harmless.harmless_subspace(model, (30,))
+    x = _images((30,), 3, seed=26)
+    s = SmallestEquivalent(norm="inf")(model, space, x, x)
+    assert torch.equal(s.x_small, x) and bool(s.shrink_linf.isnan().all())
+    assert float(s.certificate.gap.abs().max()) == 0.0
+    r = FGSM(0.2)(model, x, _labels(model, x))
+    s01 = SmallestEquivalent(norm="inf")(model, space, r, x)
+    shifted = nn.Sequential(_Shift(), *model).eval()  # the same classifier on [-1, 1]
+    sm = SmallestEquivalent(norm="inf", bounds=(-1.0, 1.0))(shifted, harmless.harmless_subspace(shifted, (30,)),
+                                                            2 * r.x_adv - 1, 2 * x - 1)
+    assert torch.allclose(sm.linf_after, 2 * s01.linf_after, atol=1e-7)  # the same LP, scaled by 2
+    assert sm.max_output_diff <= 1e-10
+
+
+def test_norm_setting_and_certificates():
+    assert SmallestEquivalent(norm="inf").norm == "inf" and SmallestEquivalent(norm=float("inf")).norm == "inf"
+    assert SmallestEquivalent(norm="2").norm == 2 and SmallestEquivalent().norm == 2
+    assert "norm='inf'" in repr(SmallestEquivalent(norm="inf"))
+    for bad in (1, 3, "l1", None, "infinity"):
+        with pytest.raises(InputError, match="norm must be 'inf' or 2"):
+            SmallestEquivalent(norm=bad)
+    for settings_, words in [({"tol": 1e-12}, "tol must be >= 1e-10"), ({"tol": -1.0}, "tol"),
+                             ({"max_iter": 0}, "max_iter"), ({"bounds": (1.0, 0.0)}, "bounds")]:
+        with pytest.raises(InputError, match=words):
+            SmallestEquivalent(norm="inf", **settings_)
+    model = _linear_model(seed=27)
+    space = harmless.harmless_subspace(model, (30,))
+    x = _images((30,), 2, seed=28)
+    r = FGSM(0.2)(model, x, _labels(model, x))
+    s_inf = SmallestEquivalent(norm="inf")(model, space, r, x)
+    assert isinstance(s_inf.certificate, LPCertificate)
+    with pytest.raises(InputError, match="no distance bound"):
+        _ = s_inf.distance_bound  # an LP's optimum need not be unique
+    s2 = SmallestEquivalent()(model, space, r, x)
+    assert torch.equal(s2.optimality_bound, s2.distance_bound) and s2.norm == 2

@@ -17,10 +17,10 @@ from harmless.attacks.cw import CarliniWagnerL2
 from harmless.attacks.deepfool import DeepFool
 from harmless.attacks.gradient import FGSM, PGD
 from harmless.attacks.harmless_view import EquivalenceReport, equivalent_check, harmless_fraction
-from harmless.attacks.smallest import SmallestEquivalent, SmallestEquivalentResult
+from harmless.attacks.smallest import LPCertificate, SmallestEquivalent, SmallestEquivalentResult
 from harmless.attacks.universal import PassRecord, SGDUniversal, UniversalPerturbation, UniversalResult, fooling_rate
 
-__all__ = ["Attack", "AttackResult", "CarliniWagnerL2", "DeepFool", "EquivalenceReport", "FGSM", "PGD",
+__all__ = ["Attack", "AttackResult", "CarliniWagnerL2", "DeepFool", "EquivalenceReport", "FGSM", "LPCertificate", "PGD",
            "SmallestEquivalent", "SmallestEquivalentResult", "equivalent_check", "harmless_fraction",
            # universal perturbations (harmless.attacks.universal)
            "PassRecord", "SGDUniversal", "UniversalPerturbation", "UniversalResult", "fooling_rate"]
