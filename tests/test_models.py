@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import math
 import os
 import pickle
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -109,6 +110,16 @@ def _state_equal(a: nn.Module, b: nn.Module) -> bool:
         ("resnet18:stem_padding=0", "resnet18:cifar10,stem_padding=0"),
         ("vgg16:stem_kernel=4,stem_stride=4,stem_padding=0",
          "vgg16:cifar10,stem_kernel=4,stem_padding=0,stem_stride=4"),
+        ("patchcnn", "patchcnn:mnist"),
+        ("patchcnn:fashion-mnist", "patchcnn:fashion-mnist"),
+        ("patchcnn:mnist,stem_channels=8,stem_kernel=4,stem_stride=4,stem_padding=0", "patchcnn:mnist"),
+        ("patchcnn:cifar10,stem_channels=12", "patchcnn:cifar10,stem_channels=12"),
+        ("mlp5:mnist,adv_eps=0.1", "mlp5:mnist,adv_eps=0.1"),
+        ("mlp5:adv_eps=1e-1", "mlp5:mnist,adv_eps=0.1"),
+        ("mlp5:mnist,adv_eps=0", "mlp5:mnist"),
+        ("mlp5:mnist,adv_eps=1", "mlp5:mnist,adv_eps=1.0"),
+        ("patchcnn:fmnist,adv_eps=0.25", "patchcnn:fashion-mnist,adv_eps=0.25"),
+        ("mlp5:mnist,hidden=512,adv_eps=0.05", "mlp5:mnist,adv_eps=0.05,hidden=512"),
     ],
 )
 def test_spec_canonical_keys(spec, key):
@@ -165,7 +176,13 @@ def test_spec_round_trip_property(name, dataset, values):
         ("resnet18,cifar10", "unexpected 'cifar10'"),
         ("resnet18:cifar10,mnist", "unexpected 'mnist'"),
         ("resnet18:cifar10,,stem_stride=2", "empty item"),
-        ("lenet:stem_stride=2", "valid parameters: none"),
+        ("lenet:stem_stride=2", "valid parameters: adv_eps"),
+        ("mlp5:adv_eps=-0.1", "adv_eps must be a number in [0, 1]"),
+        ("mlp5:adv_eps=1.5", "adv_eps must be a number in [0, 1]"),
+        ("mlp5:adv_eps=nan", "adv_eps must be a number in [0, 1]"),
+        ("mlp5:adv_eps=8/255", "got '8/255'"),
+        ("resnet18:adv_eps=0.1", "unknown parameter 'adv_eps'"),
+        ("patchcnn:stem_stride=0", "stem_stride must be a positive integer"),
         ("mlp5:hidden=(256,", "unbalanced"),
         ("mlp5:hidden=0x256", "hidden must be positive integers"),
         ("mlp5:hidden=()", "hidden must be positive integers"),
@@ -267,7 +284,72 @@ def test_lenet(spec, in_shape, dtype):
     assert y.shape == (2, 10) and y.dtype == dtype
 
 
-@pytest.mark.parametrize("spec", ["mlp5", "lenet", "resnet18:stem_stride=4", "vgg16:stem_stride=2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("spec", "in_shape", "fc1_in"),
+    [("patchcnn:mnist", (1, 28, 28), 32 * 3 * 3), ("patchcnn:cifar10", (3, 32, 32), 32 * 4 * 4),
+     ("patchcnn:mnist,stem_kernel=7,stem_stride=7,stem_channels=4", (1, 28, 28), 32 * 2 * 2),
+     ("patchcnn:mnist,stem_kernel=3,stem_stride=1,stem_padding=1", (1, 28, 28), 32 * 14 * 14)],
+)
+def test_patchcnn(spec, in_shape, fc1_in, dtype):
+    model = build_model(spec).to(dtype)
+    assert first_layer(model) is model.stem
+    assert [n for n, _ in model.named_children()][:3] == ["normalize", "stem", "relu1"]
+    assert model.fc1.in_features == fc1_in
+    y = model(torch.rand(3, *in_shape, dtype=dtype))
+    assert y.shape == (3, 10) and y.dtype == dtype
+
+
+def test_patchcnn_rejects_a_stem_that_leaves_no_map():
+    with pytest.raises(ValueError, match="at least 2x2"):
+        build_model("patchcnn:mnist,stem_kernel=16,stem_stride=16")
+
+
+def _dense_stem(model: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """The stem's linear part (Normalize's scale folded in) as a dense matrix, column by
+    column: the stem applied to each unit image, minus its output on zero."""
+    n = math.prod(in_shape)
+    prefix = nn.Sequential(model.normalize, model.stem).double()
+    with torch.no_grad():
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+        zero = prefix(torch.zeros(1, *in_shape, dtype=torch.float64))
+        return (prefix(eye) - zero).reshape(n, -1).T  # (outputs, inputs)
+
+
+@pytest.mark.parametrize(
+    ("spec", "in_shape", "dim"),
+    [("patchcnn:mnist", (1, 28, 28), 392),
+     ("patchcnn:mnist,stem_channels=12", (1, 28, 28), 784 - 12 * 49),
+     pytest.param("patchcnn:cifar10", (3, 32, 32), 3072 - 8 * 64, marks=pytest.mark.slow)],
+)
+def test_patchcnn_stem_is_block_diagonal_and_engine_dim_matches_brute_force(spec, in_shape, dim):
+    import harmless
+
+    model = build_model(spec).double()
+    a = _dense_stem(model, in_shape)
+    c, h, w = in_shape
+    k = model.stem.out_channels
+    # block structure: output (channel, i, j) reads only the pixels of patch (i, j)
+    rows = a.reshape(k, h // 4, w // 4, c, h // 4, 4, w // 4, 4)
+    outside = rows.clone()
+    for i in range(h // 4):
+        for j in range(w // 4):
+            outside[:, i, j, :, i, :, j, :] = 0
+    assert torch.count_nonzero(outside) == 0
+    rank = int(torch.linalg.matrix_rank(a))
+    assert rank == a.shape[0] == k * (h // 4) * (w // 4)
+    assert a.shape[1] - rank == dim
+    space = harmless.harmless_subspace(model, in_shape)
+    assert space.dim == dim and not space.dim_is_lower_bound
+    # and the model cannot tell x from x + h for a large harmless h
+    x = torch.rand(4, *in_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hv = 1e3 * space.sample(4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, moved = model(x), model(x + hv)
+    assert float((moved - out).abs().max()) <= 1e-9 * float(out.abs().max())
+
+
+@pytest.mark.parametrize("spec", ["mlp5", "lenet", "patchcnn", "resnet18:stem_stride=4", "vgg16:stem_stride=2"])
 def test_zoo_models_are_fx_traceable(spec):
     model = build_model(spec)
     shape = parse_spec(spec).dataset_info.in_shape
@@ -317,6 +399,81 @@ def test_train_loop_sgd_cosine_augment_deterministic():
     assert _state_equal(_train_synthetic(3, cfg), _train_synthetic(3, cfg))
 
 
+_ADV_CONFIG = TrainConfig(epochs=1, batch_size=16, adv_eps=0.1, adv_steps=3)
+
+
+def _train_adv_synthetic(seed: int, config: TrainConfig = _ADV_CONFIG) -> nn.Module:
+    x, y = _synthetic(n=48)
+    with deterministic(seed):
+        model = parse_spec("mlp5:mnist,hidden=32").build()
+        train_loop(model, x, y, config, seed=seed, progress=False)
+    return model
+
+
+def test_adversarial_training_is_seeded_deterministic_and_differs_from_clean():
+    a, b = _train_adv_synthetic(0), _train_adv_synthetic(0)
+    assert _state_equal(a, b)
+    assert not _state_equal(a, _train_adv_synthetic(1))
+    clean = _train_adv_synthetic(0, dataclasses.replace(_ADV_CONFIG, adv_eps=0.0))
+    assert not _state_equal(a, clean)
+    assert not a.training
+
+
+def test_adversarial_training_uses_pgd_on_each_batch(monkeypatch):
+    """Every batch is replaced by the PGD attack's x_adv (in the eps ball, inside [0, 1]),
+    crafted with the model in eval mode."""
+    from harmless.attacks import PGD
+
+    seen = []
+    original = PGD.__call__
+
+    def spy(self, model, x, y, **kw):
+        assert not model.training
+        result = original(self, model, x, y, **kw)
+        assert self.eps == 0.1 and self.steps == 3 and self.abs_stepsize == pytest.approx(0.025)
+        assert float(result.linf.max()) <= 0.1 + 1e-6
+        assert 0 <= float(result.x_adv.min()) <= float(result.x_adv.max()) <= 1
+        seen.append(x.shape[0])
+        return result
+
+    monkeypatch.setattr(PGD, "__call__", spy)
+    _train_adv_synthetic(0)
+    assert seen == [16, 16, 16]
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5, float("nan"), True])
+def test_adversarial_training_rejects_bad_eps(eps):
+    with pytest.raises(InputError, match="adv_eps"):
+        train_loop(build_model("mlp5:hidden=8"), *_synthetic(n=8), TrainConfig(epochs=1, adv_eps=eps), progress=False)
+
+
+def test_adv_eps_is_a_training_parameter_and_part_of_the_cache_key():
+    clean, adv = parse_spec("mlp5:mnist"), parse_spec("mlp5:mnist,adv_eps=0.1")
+    assert clean.train_config.adv_eps == 0.0 and adv.train_config.adv_eps == 0.1
+    assert dataclasses.replace(adv.train_config, adv_eps=0.0) == clean.train_config
+    # the same architecture (the builders ignore it), another cache entry
+    assert _state_equal(build_model(clean, seed=3), build_model(adv, seed=3))
+    assert checkpoint_paths(adv)[0] != checkpoint_paths(clean)[0]
+    assert checkpoint_paths(adv)[0].name == "mlp5__mnist__adv_eps=0.1.safetensors"
+    _fake_checkpoint("mlp5:mnist,adv_eps=0.1")
+    assert not checkpoint_paths(clean)[0].exists()
+    assert get_model("mlp5:mnist,adv_eps=0.1", train=False).from_cache
+    assert not get_model("mlp5:mnist", train=False).trained
+    rows = [r for r in list_zoo() if r.spec == "mlp5:mnist,adv_eps=0.1"]
+    assert len(rows) == 1 and rows[0].cached and rows[0].params["adv_eps"] == 0.1
+    assert "patchcnn:fashion-mnist" in {r.spec for r in list_zoo()}
+
+
+def test_train_zoo_model_adversarial_subset(mnist_dir):
+    kw = dict(epochs=1, max_train_samples=256, progress=False, data_dir=mnist_dir)
+    a = train_zoo_model("mlp5:mnist,adv_eps=0.1,hidden=32", **kw)
+    b = train_zoo_model("mlp5:mnist,adv_eps=0.1,hidden=32", **kw)
+    clean = train_zoo_model("mlp5:mnist,hidden=32", **kw)
+    assert _state_equal(a.model, b.model) and not _state_equal(a.model, clean.model)
+    assert a.meta["train_config"]["adv_eps"] == 0.1 and clean.meta["train_config"]["adv_eps"] == 0.0
+    assert a.key == "mlp5:mnist,adv_eps=0.1,hidden=32"
+
+
 def test_deterministic_restores_state():
     torch.manual_seed(7)
     rng = torch.get_rng_state()
@@ -329,7 +486,6 @@ def test_deterministic_restores_state():
 
 
 def test_train_zoo_model_subset_deterministic(mnist_dir):
-    start = time.perf_counter()
     kw = dict(epochs=1, max_train_samples=2000, progress=False, data_dir=mnist_dir)
     a = train_zoo_model("mlp5:mnist", seed=0, **kw)
     b = train_zoo_model("mlp5:mnist", seed=0, **kw)
@@ -340,7 +496,6 @@ def test_train_zoo_model_subset_deterministic(mnist_dir):
     assert a.test_accuracy == b.test_accuracy and 0.5 < a.test_accuracy <= 1.0
     assert not a.model.training
     assert not checkpoint_paths("mlp5:mnist")[0].exists()
-    assert time.perf_counter() - start < 60
 
 
 def test_train_zoo_model_saves_and_get_model_reuses(mnist_dir):

@@ -9,10 +9,13 @@ its parameters::
     resnet18:stem_stride=8                          vgg16:stem_stride=2
     resnet50:cifar10,stem_stride=4,stem_channels=16 mlp5:mnist,hidden=512x512
     resnet18:stem_kernel=4,stem_stride=4,stem_padding=0   (a "patchify" stem: tiles split)
+    patchcnn:fashion-mnist  patchcnn:mnist,stem_channels=12
+    mlp5:mnist,adv_eps=0.1  (PGD adversarial training, L∞ radius 0.1: a training parameter)
 
 The first item after ``:`` that has no ``=`` is the dataset (default: ``mnist`` for
-``mlp5``/``lenet``, ``cifar10`` for the ResNets and VGG). Values are integers, floats or
-tuples, written ``512x512`` or ``(512,512)``. Names are case-insensitive.
+``mlp5``/``lenet``/``patchcnn``, ``cifar10`` for the ResNets and VGG). Values are integers, floats or
+tuples, written ``512x512`` or ``(512,512)``. ``adv_eps`` is the one training parameter (a
+float; the builders ignore it, :attr:`ModelSpec.train_config` applies it). Names are case-insensitive.
 
 :func:`parse_spec` turns a string into a :class:`ModelSpec`, whose :attr:`ModelSpec.key` is
 the canonical form (dataset always written, parameters sorted, those at their defaults left
@@ -88,12 +91,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "none"  # "none" or "cosine" (per step)
     augment: bool = False  # random crop (padding 4) + horizontal flip, for CIFAR
+    # PGD adversarial training (Madry et al. 2018) when adv_eps > 0: every batch is replaced by
+    # L∞ PGD examples of radius adv_eps (adv_steps steps of adv_rel_stepsize·adv_eps, random
+    # start), crafted on the model as it is at that step. Set per spec by the adv_eps parameter.
+    adv_eps: float = 0.0
+    adv_steps: int = 7
+    adv_rel_stepsize: float = 0.25
 
 
 @dataclass(frozen=True)
 class ZooParam:
-    """A parameter a spec may set: ``kind`` is ``"int"`` (positive), ``"ints"`` (tuple) or
-    ``"padding"`` (non-negative; the default ``None`` means ``stem_kernel // 2``)."""
+    """A parameter a spec may set: ``kind`` is ``"int"`` (positive), ``"ints"`` (tuple),
+    ``"padding"`` (non-negative; the default ``None`` means ``stem_kernel // 2``) or ``"eps"``
+    (a float in [0, 1], e.g. the adversarial-training radius ``adv_eps``)."""
 
     name: str
     kind: str
@@ -135,6 +145,26 @@ def _stem_params(channels: int, kernel: int) -> tuple[ZooParam, ...]:
     )
 
 
+# A training parameter, not an architectural one: the builders ignore it, ModelSpec.train_config
+# passes it on, and, being part of the spec key, it gives the adversarially trained model its own
+# cache entry (mlp5:mnist,adv_eps=0.1 never replaces mlp5:mnist).
+_ADV_EPS = ZooParam(
+    "adv_eps", "eps", 0.0, "L∞ radius of PGD adversarial training (0: standard training), e.g. 0.1"
+)
+
+
+def _patch_params() -> tuple[ZooParam, ...]:
+    # Defaults tile a 28x28 image into 7x7 patches of 4x4 = 16 pixels, each mapped to 8
+    # channels: the stem keeps 392 of 784 input dimensions and its null space has the other 392.
+    return (
+        ZooParam("stem_channels", "int", 8, "output channels of the patchify convolution"),
+        ZooParam("stem_kernel", "int", 4, "kernel size of the patchify convolution"),
+        ZooParam("stem_stride", "int", 4, "stride of the patchify convolution"),
+        ZooParam("stem_padding", "padding", 0, "zero padding of the patchify convolution"),
+        _ADV_EPS,
+    )
+
+
 def _build_mlp5(p: Mapping[str, Any], ds: DatasetInfo) -> nn.Module:
     return zoo.MLP5(ds.in_shape, p["hidden"], ds.num_classes, ds.mean, ds.std)
 
@@ -150,6 +180,19 @@ def _conv_kwargs(p: Mapping[str, Any], ds: DatasetInfo) -> dict[str, Any]:
         stem_kernel=p["stem_kernel"],
         stem_padding=p["stem_padding"],
         in_channels=ds.in_shape[0],
+        num_classes=ds.num_classes,
+        mean=ds.mean,
+        std=ds.std,
+    )
+
+
+def _build_patchcnn(p: Mapping[str, Any], ds: DatasetInfo) -> nn.Module:
+    return zoo.PatchCNN(
+        ds.in_shape,
+        stem_channels=p["stem_channels"],
+        stem_kernel=p["stem_kernel"],
+        stem_stride=p["stem_stride"],
+        stem_padding=p["stem_padding"],
         num_classes=ds.num_classes,
         mean=ds.mean,
         std=ds.std,
@@ -172,6 +215,8 @@ _ALL_DATASETS = tuple(DATASETS)
 # Adam 1e-3, batch 128, decayed to 0 by a per-step cosine: MLP-5 reaches ~98% on MNIST.
 _SMALL_CONFIG = TrainConfig(epochs=5, batch_size=128, optimizer="adam", lr=1e-3, schedule="cosine")
 _SMALL_CIFAR_CONFIG = dataclasses.replace(_SMALL_CONFIG, epochs=20, augment=True)
+# The patchify CNN keeps only half of each 4x4 patch: 5 epochs left Fashion-MNIST at 85.6 %, 10 reach the target.
+_PATCH_CONFIG = dataclasses.replace(_SMALL_CONFIG, epochs=10)
 _CIFAR_CONFIG = TrainConfig(
     epochs=30,
     batch_size=128,
@@ -191,7 +236,7 @@ ZOO: dict[str, ZooEntry] = {
             "MLP-5: Normalize, Flatten, 5 Linear layers (ReLU between)",
             "mnist",
             _ALL_DATASETS,
-            (ZooParam("hidden", "ints", (256, 256, 256, 256), "hidden widths, e.g. 256x256x256x256"),),
+            (ZooParam("hidden", "ints", (256, 256, 256, 256), "hidden widths, e.g. 256x256x256x256"), _ADV_EPS),
             _build_mlp5,
             _SMALL_CONFIG,
             _SMALL_CIFAR_CONFIG,
@@ -201,9 +246,19 @@ ZOO: dict[str, ZooEntry] = {
             "LeNet-5: Normalize, 2 conv (5x5) + max-pool, 3 Linear layers",
             "mnist",
             _ALL_DATASETS,
-            (),
+            (_ADV_EPS,),
             _build_lenet,
             _SMALL_CONFIG,
+            _SMALL_CIFAR_CONFIG,
+        ),
+        ZooEntry(
+            "patchcnn",
+            "Patchify CNN: Normalize, conv 4x4 stride 4 (8 ch), conv 3x3 (32) + max-pool, 2 Linear layers",
+            "mnist",
+            _ALL_DATASETS,
+            _patch_params(),
+            _build_patchcnn,
+            _PATCH_CONFIG,
             _SMALL_CIFAR_CONFIG,
         ),
         ZooEntry(
@@ -290,7 +345,10 @@ class ModelSpec:
 
     @property
     def train_config(self) -> TrainConfig:
-        return self.entry.config_for(self.dataset)
+        """The entry's recipe for the dataset, with this spec's training parameters (adv_eps)."""
+        config = self.entry.config_for(self.dataset)
+        adv_eps = self.kwargs.get("adv_eps", 0.0)
+        return dataclasses.replace(config, adv_eps=float(adv_eps)) if adv_eps else config
 
     def build(self) -> nn.Module:
         """A freshly initialised model (uses the global RNG: see :func:`build_model`)."""
@@ -371,6 +429,10 @@ def _coerce(entry: ZooEntry, param: ZooParam, raw: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
         raise ModelSpecError(f"{entry.name}: {param.name} must be a non-negative integer, got {raw!r}")
+    if param.kind == "eps":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+            return float(value)
+        raise ModelSpecError(f"{entry.name}: {param.name} must be a number in [0, 1] (like 0.1), got {raw!r}")
     raise AssertionError(f"unknown parameter kind {param.kind!r}")  # pragma: no cover
 
 

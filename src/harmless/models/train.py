@@ -163,6 +163,19 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tenso
     return padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
 
 
+def _adversary(config: TrainConfig) -> Any:
+    """The PGD attack that adversarial training (``config.adv_eps > 0``) runs on every batch."""
+    eps = config.adv_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
+        raise InputError(f"adv_eps must be a number in [0, 1], got {eps!r}")
+    if eps == 0:
+        return None
+    from harmless.attacks import PGD  # lazily: the attacks need nothing from the models package
+
+    return PGD(eps=float(eps), steps=config.adv_steps, norm="inf",
+               abs_stepsize=config.adv_rel_stepsize * float(eps), random_start=True)
+
+
 def train_loop(
     model: nn.Module,
     images: torch.Tensor,
@@ -177,7 +190,12 @@ def train_loop(
 ) -> nn.Module:
     """Train ``model`` in place on ``images`` (uint8 or float in [0, 1]) and ``targets``.
 
-    Shuffling and augmentation draw from a ``torch.Generator`` seeded with ``seed``; call
+    With ``config.adv_eps > 0`` every batch is first replaced by L∞ PGD examples
+    (:class:`harmless.attacks.PGD`, ``config.adv_steps`` steps, random start) against the
+    current weights: PGD adversarial training.
+
+    Shuffling, augmentation and PGD's random starts draw from a ``torch.Generator`` seeded
+    with ``seed``; call
     it inside :func:`deterministic` (as :func:`train_zoo_model` does) for bitwise
     reproducible weights. Returns the model, in eval mode, on ``device``.
     """
@@ -217,6 +235,7 @@ def train_loop(
     elif config.schedule != "none":
         raise InputError(f"unknown schedule {config.schedule!r}; valid: none, cosine")
     gen = torch.Generator().manual_seed(seed)
+    attack = _adversary(config)
     with tqdm(
         total=total, desc=desc, unit="batch", file=sys.stderr, disable=None if progress else True, leave=False
     ) as bar:
@@ -228,6 +247,12 @@ def train_loop(
                 if config.augment:
                     x = _augment(x, gen)
                 x, y = x.to(device), targets[idx].to(device)
+                if attack is not None:
+                    # Craft on the current weights in eval mode (as any attack is run), then train
+                    # on the adversarial batch only (Madry et al.); the random starts come from gen.
+                    model.eval()
+                    x = attack(model, x, y, generator=gen).x_adv
+                    model.train()
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -275,7 +300,7 @@ def _load_split(dataset: str, split: str, data_dir: str | os.PathLike[str] | Non
 # Wall time of one epoch over 60,000 28x28 images on an idle 2-core CPU: MLP-5's 5 epochs take
 # about 20 s (README), LeNet's about 4 minutes (issue 11). Only for the "roughly how long" notice
 # before training; a busy machine takes several times longer.
-_SECONDS_PER_EPOCH_60K = {"mlp5": 4.0, "lenet": 48.0}
+_SECONDS_PER_EPOCH_60K = {"mlp5": 4.0, "lenet": 48.0, "patchcnn": 6.0}
 
 
 def training_estimate(ms: ModelSpec, epochs: int, samples: int) -> str:
@@ -284,7 +309,10 @@ def training_estimate(ms: ModelSpec, epochs: int, samples: int) -> str:
     if per_epoch is None:
         return "possibly hours on a CPU"  # the CIFAR networks: never measured end to end here
     pixels = math.prod(ms.dataset_info.in_shape[1:]) / (28 * 28)
-    seconds = per_epoch * epochs * samples / 60000 * pixels
+    config = ms.train_config
+    # adversarial training: every step also runs PGD (a gradient per PGD step, two forwards)
+    passes = 1 + (config.adv_steps + 1 if config.adv_eps > 0 else 0)
+    seconds = per_epoch * epochs * samples / 60000 * pixels * passes
     if seconds < 90:
         return f"roughly {max(5, round(seconds / 5) * 5):.0f} s on an idle 2-core CPU"
     return f"roughly {round(seconds / 60):.0f} min on an idle 2-core CPU"

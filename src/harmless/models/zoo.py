@@ -16,6 +16,9 @@ its first linear layer as ``first_layer_name``:
 * :class:`LeNet` (an ``nn.Sequential``): ``normalize``, ``conv1``, ``relu1``, ``pool1``,
   ``conv2``, ``relu2``, ``pool2``, ``flatten``, ``fc1``, ``relu3``, ``fc2``, ``relu4``,
   ``fc3``. First layer: ``conv1``.
+* :class:`PatchCNN` (an ``nn.Sequential``): ``normalize``, ``stem`` (the patchify conv),
+  ``relu1``, ``conv2``, ``relu2``, ``pool``, ``flatten``, ``fc1``, ``relu3``, ``fc2``.
+  First layer: ``stem``.
 * :class:`ResNet` (``resnet18``, ``resnet50``): ``normalize``, ``stem`` (an
   ``nn.Sequential`` of ``conv``, ``bn``, ``relu``), ``layer1`` ... ``layer4``, ``pool``
   (``AdaptiveAvgPool2d(1)``), ``flatten``, ``fc``. First layer: ``stem.conv``.
@@ -50,6 +53,7 @@ __all__ = [
     "MLP5",
     "MNIST_MEAN",
     "MNIST_STD",
+    "PatchCNN",
     "ResNet",
     "VGG",
     "first_layer",
@@ -190,6 +194,83 @@ class LeNet(nn.Sequential):
                     ("fc2", nn.Linear(120, 84)),
                     ("relu4", nn.ReLU()),
                     ("fc3", nn.Linear(84, num_classes)),
+                ]
+            )
+        )
+        self.in_shape = in_shape
+        self.num_classes = num_classes
+
+
+# ----------------------------------------------------------------------------- patchify CNN
+
+
+class PatchCNN(nn.Sequential):
+    """A small CNN whose first layer is a "patchify" convolution with a harmless subspace.
+
+    ``Normalize -> Conv2d(C, k, kernel, stride, padding) -> ReLU -> Conv2d(k, 32, 3,
+    padding=1) -> ReLU -> MaxPool2d(2) -> Flatten -> Linear(., 128) -> ReLU ->
+    Linear(128, num_classes)``. With the defaults (kernel = stride = 4, no padding, k = 8) the
+    stem tiles a 28x28 image into 49 disjoint 4x4 patches and maps each patch's 16 pixels
+    (times C channels) to k outputs: its matrix is block-diagonal with 49 blocks of k x 16C,
+    rank 49·k = 392 of 784, so the harmless subspace has dimension 784 - 392 = 392 (exactly,
+    for generic weights). On 32x32x3 it keeps 8·64 = 512 of 3072.
+    """
+
+    first_layer_name = "stem"
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (1, 28, 28),
+        *,
+        stem_channels: int = 8,
+        stem_kernel: int = 4,
+        stem_stride: int = 4,
+        stem_padding: int = 0,
+        width: int = 32,
+        hidden: int = 128,
+        num_classes: int = 10,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        in_shape = tuple(int(s) for s in in_shape)
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape must be (C, H, W), got {in_shape}")
+        _check_positive(
+            stem_channels=stem_channels,
+            stem_kernel=stem_kernel,
+            stem_stride=stem_stride,
+            width=width,
+            hidden=hidden,
+            num_classes=num_classes,
+            **{f"in_shape[{i}]": s for i, s in enumerate(in_shape)},
+        )
+        if isinstance(stem_padding, bool) or not isinstance(stem_padding, int) or stem_padding < 0:
+            raise ValueError(f"stem_padding must be a non-negative int, got {stem_padding!r}")
+        c, h, w = in_shape
+        mean, std = _default_stats(c, mean, std)
+        # The 3x3 conv keeps the map's size; the pool halves it (floor), so the map needs 2x2.
+        hs, ws = (_conv_out(s, stem_kernel, stem_stride, stem_padding) for s in (h, w))
+        if hs < 2 or ws < 2:
+            raise ValueError(
+                f"the stem (kernel {stem_kernel}, stride {stem_stride}, padding {stem_padding}) leaves a "
+                f"{max(hs, 0)}x{max(ws, 0)} map on {h}x{w} inputs; PatchCNN needs at least 2x2"
+            )
+        super().__init__(
+            OrderedDict(
+                [
+                    ("normalize", Normalize(mean, std)),
+                    (
+                        "stem",
+                        nn.Conv2d(c, stem_channels, stem_kernel, stride=stem_stride, padding=stem_padding),
+                    ),
+                    ("relu1", nn.ReLU()),
+                    ("conv2", nn.Conv2d(stem_channels, width, 3, padding=1)),
+                    ("relu2", nn.ReLU()),
+                    ("pool", nn.MaxPool2d(2)),
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(width * (hs // 2) * (ws // 2), hidden)),
+                    ("relu3", nn.ReLU()),
+                    ("fc2", nn.Linear(hidden, num_classes)),
                 ]
             )
         )
