@@ -204,6 +204,17 @@ def test_declines_where_no_sweep_can_reach_the_rank() -> None:
     assert not cert.certified and "read no pixel that earlier ones did not" in cert.reason
 
 
+def test_a_declined_sweep_still_reports_unread_entries() -> None:
+    """Duplicated kernels (rank 3 < m = 6) and pixel 7 read by no window: TooLargeError says
+    dim >= 1 (exact lower bound) besides the reason."""
+    conv = _conv(1, 1, 2, 3, stride=2)
+    with torch.no_grad():
+        conv.weight[1] = conv.weight[0]
+    _assert_declines(conv, (1, 8))
+    with pytest.raises(TooLargeError, match="1 input entry is read by no window, so dim >= 1"):
+        analyze_rank(_op(conv, (1, 8)), dense_limit=1, gram_limit=0, bases=False)
+
+
 def test_other_padding_modes_decline() -> None:
     conv = _conv(2, 3, 64, 7, stride=2, padding=3, padding_mode="reflect")
     cert = sweep_certificate(_op(conv, (3, 16, 16)))

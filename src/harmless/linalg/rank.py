@@ -380,6 +380,7 @@ def analyze_rank(op: TorchLinearOperator, *, method: str = "auto", dense_limit: 
         if sweep is not None:
             prediction += f"; the sweep certificate does not apply ({sweep.reason})"
             if sweep.unread:
-                prediction += f"; {sweep.unread:,} input entries are read by no window, so dim >= {sweep.unread:,}"
+                entries = "entry is" if sweep.unread == 1 else "entries are"
+                prediction += f"; {sweep.unread:,} input {entries} read by no window, so dim >= {sweep.unread:,}"
     raise TooLargeError(f"no exact rank method fits this {op.m} x {op.n} operator: its matrix exceeds the dense "
                         f"limit {dense_limit:,} and its Gram matrices the limit {gram_limit:,}{prediction}")
