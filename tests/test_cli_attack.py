@@ -1,15 +1,19 @@
 """`harmless attack`: the report on a tiny factory model and a folder data set (no download),
-and one clear line with exit code 2 for every bad argument, before any model or data is loaded."""
+the file form (IMAGES... --out DIR: written files re-loaded reproduce the success and the
+logits), and one clear line with exit code 2 for every bad argument."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cli_helpers import one_error_line, run
+from safetensors.torch import load_file
 
 from harmless.cli import EXIT_USER_ERROR, main
 
@@ -134,3 +138,159 @@ def test_attack_is_required(capsys) -> None:
         main(["attack", "mlp5:mnist"])
     assert exc.value.code == 2
     assert "--attack" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The file form: harmless attack MODEL IMAGES... --out DIR.
+
+
+@pytest.fixture
+def images(tmp_path: Path, setup: tuple[str, list[str]]) -> tuple[str, Path, list[str]]:
+    """Four grayscale 8x8 PNGs in their own folder (background rows at 0, as in MNIST); returns
+    the factory module's name, the folder and the arguments the file form needs."""
+    from PIL import Image
+
+    name, _ = setup
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        img = (rng.random((8, 8)) * 255).astype(np.uint8)
+        img[:2] = 0
+        Image.fromarray(img, mode="L").save(folder / f"digit{i}.png")
+    return name, folder, ["--input-shape", "1,8,8"]
+
+
+def _factory_model(name: str):
+    import importlib
+
+    return importlib.import_module(name).wide()
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).to(torch.float64)[None] / 255.0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_attack_files_writes_what_reproduces(capsys, tmp_path, images, norm: str) -> None:
+    name, folder, common = images
+    out = tmp_path / "out"
+    code, text, err = run(capsys, "attack", f"{name}:wide", str(folder), "--attack", "pgd", "--eps", "0.5",
+                          "--norm", "2", "--steps", "10", "--out", str(out), "--smallest-norm", norm, *common)
+    assert code == 0, err
+    assert "wrote" in text and "labels: the model's predictions" in text
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith("# harmless attack report")
+    assert rep["smallest_norm"] == (2 if norm == "2" else "inf") and len(rep["images"]) == 4
+    model = _factory_model(name)
+    m64 = copy.deepcopy(model).double()
+    for rec in rep["images"]:
+        stem = rec["stem"]
+        assert sorted(rec["files"]) == sorted([f"{stem}.adv.safetensors", f"{stem}.adv.png", f"{stem}.small.png"])
+        assert all((out / f).is_file() for f in rec["files"])
+        x = _read_png(folder / f"{stem}.png")
+        t = load_file(str(out / f"{stem}.adv.safetensors"))
+        assert t["x_adv"].dtype == torch.float32 and t["x_small"].dtype == torch.float64  # the model's dtype; exact
+        assert torch.equal(t["delta"], t["x_adv"] - x.float())  # the attack's δ, as stored
+        # the images the attack saw are in the model's dtype (float32): δ_small is from those
+        assert torch.equal(t["delta_small"], t["x_small"] - x.float().double())
+        with torch.no_grad():
+            pred_before = int(model(x.float()[None]).argmax(1))
+            pred_adv = int(model(t["x_adv"][None]).argmax(1))
+            f_adv, f_small = m64(t["x_adv"].double()[None]), m64(t["x_small"][None])
+            pred_8 = int(model(_read_png(out / f"{stem}.adv.png").float()[None]).argmax(1))
+            pred_s8 = int(model(_read_png(out / f"{stem}.small.png").float()[None]).argmax(1))
+        assert rec["label"] == rec["pred_before"] == pred_before  # untargeted on the model's own prediction
+        assert rec["pred_after"] == pred_adv and rec["success"] == (pred_adv != rec["label"])
+        assert float((f_small - f_adv).norm() / f_adv.norm()) <= 1e-10  # the same output, re-loaded
+        assert rec["success_small"] == rec["success"] and rec["label_kept"]
+        assert rec["success_8bit"] == (pred_8 != rec["label"])
+        assert rec["success_small_8bit"] == (pred_s8 != rec["label"])
+        # the certificates: the LP's gap; the QP's distance bound (as loose as 1e-5 on degenerate
+        # images, where the interior point stalls: see test_smallest_equivalent)
+        assert rec["optimality_bound"] <= (1e-6 if norm == "inf" else 1e-4) and 0 <= rec["rho"] <= 1
+        key = "shrink_linf" if norm == "inf" else "shrink_l2"
+        assert rec[key] is None or rec[key] <= 1
+        assert abs(rec["linf"] - float(t["delta"].abs().max())) <= 1e-6
+    assert any(r["success"] for r in rep["images"])
+    # the outputs exist now: a second run refuses them, --overwrite replaces them
+    again = ["attack", f"{name}:wide", str(folder), "--attack", "fgsm", "--eps", "0.1", "--out", str(out), *common]
+    code, _, err = run(capsys, *again)
+    assert code == EXIT_USER_ERROR and "already exists; use --overwrite" in one_error_line(err)
+    code, _, err = run(capsys, *again, "--overwrite", "--json")
+    assert code == 0, err
+
+
+@pytest.mark.integration
+def test_attack_files_with_given_labels(capsys, tmp_path, images) -> None:
+    name, folder, common = images
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n2\n0\n")
+    for given in ("0,1,2,0", str(labels)):
+        out = tmp_path / f"out{len(given)}"
+        code, text, err = run(capsys, "attack", f"{name}:wide", str(folder), "--attack", "deepfool", "--labels",
+                              given, "--out", str(out), "--json", *common)
+        assert code == 0, err
+        rep = json.loads(text)
+        assert rep["labels"] == "given" and rep["out"] == str(out / "report.json")
+        assert [r["label"] for r in json.loads((out / "report.json").read_text())["images"]] == [0, 1, 2, 0]
+
+
+@pytest.mark.integration
+def test_attack_test_set_with_out_and_linf(capsys, tmp_path, setup) -> None:
+    name, common = setup
+    out = tmp_path / "tout"
+    code, text, err = run(capsys, "attack", f"{name}:wide", "--attack", "fgsm", "--eps", "0.1", "--n", "3",
+                          "--smallest-norm", "inf", "--out", str(out), "--json", *common)
+    assert code == 0, err
+    rep = json.loads(text)
+    assert rep["smallest_norm"] == "inf" and rep["smallest_output_diff_max"] <= 1e-12
+    assert rep["smallest_optimality_bound_max"] <= 1e-6
+    written = sorted(p.name for p in out.glob("test*.adv.safetensors"))
+    assert written == [f"test0000{i}.adv.safetensors" for i in range(3)]
+
+
+def test_file_form_refusals(capsys, tmp_path, images) -> None:
+    """Every bad argument of the file form: one line, exit 2."""
+    from PIL import Image
+
+    name, folder, common = images
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    Image.fromarray(np.zeros((4, 16), dtype=np.uint8), mode="L").save(wrong / "flat.png")
+    out = str(tmp_path / "o")
+    base = ["attack", f"{name}:wide", "--attack", "fgsm", "--eps", "0.1"]
+    cases = [
+        ([str(tmp_path / "missing.png"), "--out", out], "neither an image file nor a folder"),
+        ([str(wrong), "--out", out], "the model expects 8x8"),
+        ([str(folder), "--out", str(folder)], "contains the input"),
+        ([str(folder / "digit0.png"), "--out", str(folder)], "contains the input"),
+        ([str(folder), "--out", out, "--labels", "0,1,5,0"], "--labels must be < 3"),
+        ([str(folder), "--out", out, "--labels", "0,1"], "--labels has 2 labels but there are 4 images"),
+        ([str(folder), "--out", out, "--labels", "0,1,-1,0"], "--labels must be >= 0"),
+        ([str(folder), "--out", out, "--labels", "0,1,x,0"], "neither"),
+        ([str(folder), "--out", out, "--labels", str(tmp_path / "nolabels.txt")], "no such file"),
+        ([str(folder)], "--out DIR is required with IMAGES"),
+        ([str(folder), "--out", out, "--n", "3"], "--n applies to the test-set form"),
+        ([str(folder), "--out", out, "--data", "mnist"], "--data applies to the test-set form"),
+        ([str(folder), "--out", out, "--smallest-norm", "1"], "--smallest-norm must be 2 or inf"),
+        ([str(folder), "--overwrite"], "--overwrite applies with --out"),
+        (["--labels", "1,2"], "--labels applies to IMAGES"),
+    ]
+    for extra, words in cases:
+        code, stdout, err = run(capsys, *base, *extra, *common)
+        assert code == EXIT_USER_ERROR and stdout == "", (extra, err)
+        assert words in one_error_line(err), (extra, err)
+    labels_file = tmp_path / "bad.txt"
+    labels_file.write_text("1 2 three 0")
+    code, _, err = run(capsys, *base, str(folder), "--out", out, "--labels", str(labels_file), *common)
+    assert code == EXIT_USER_ERROR and "--labels must be integers" in one_error_line(err)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "report.json").write_text("{}")  # a file the run would write
+    code, _, err = run(capsys, *base, str(folder), "--out", out, *common)
+    assert code == EXIT_USER_ERROR and "report.json already exists" in one_error_line(err)
+    assert not list(Path(out).glob("*.png"))  # nothing written
