@@ -350,6 +350,18 @@ class HarmlessPiece:
 
     # -- the affine hull -----------------------------------------------------------------
     @cached_property
+    def _equality_null(self) -> tuple[np.ndarray, int, float, float]:
+        """``(N, rank(E), sigma_max(E), threshold)``: ``N`` ``(n, n - rank(E))`` orthonormal
+        columns spanning ``{d : E d = 0}`` (one SVD of the tall ``E^T``; rank with NumPy's
+        threshold ``max(E.shape) * eps * sigma_max``)."""
+        if self.E.shape[0] == 0:
+            return np.eye(self.n), 0, 0.0, 0.0
+        u, s, _ = scipy.linalg.svd(np.ascontiguousarray(self.E.T), full_matrices=True)
+        tol = max(self.E.shape) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
+        rank = int(np.sum(s > tol))
+        return np.ascontiguousarray(u[:, rank:]), rank, float(s[0]) if s.size else 0.0, tol
+
+    @cached_property
     def implicit_equalities(self) -> np.ndarray:
         """Indices of inequality rows that hold with equality on the whole piece."""
         import scipy.optimize  # here, not at import time: `import harmless` should not pay for it
@@ -357,41 +369,56 @@ class HarmlessPiece:
         tight = np.flatnonzero(self.h <= 0)
         if tight.size == 0:
             return tight
+        null = self._equality_null[0]
         gt = self.G[tight]
         gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
-        t, n = gt.shape
-        # max sum(s) s.t. G_T d + s <= 0, E d = 0, 0 <= s <= 1: any row that can be made strict
-        # gets s = 1 at the optimum (the cone is closed under addition), an implicit one s = 0.
-        c = np.concatenate([np.zeros(n), -np.ones(t)])
-        a_ub = np.hstack([gt, np.eye(t)])
-        a_eq = np.hstack([self.E, np.zeros((self.E.shape[0], t))]) if self.E.shape[0] else None
-        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=np.zeros(t), A_eq=a_eq,
-                                     b_eq=np.zeros(self.E.shape[0]) if a_eq is not None else None,
-                                     bounds=[(None, None)] * n + [(0, 1)] * t, method="highs")
+        # Work in the null space of E (d = N y): the LP shrinks from n + |E| to dim N rows and
+        # columns. A tight row that vanishes there lies in E's row space: implicit by itself.
+        gy = gt @ null
+        free = np.linalg.norm(gy, axis=1) > _PARALLEL * max(1, null.shape[1]) ** 0.5
+        if not np.any(free):
+            return tight
+        gy = gy[free]
+        t, k = gy.shape
+        # max sum(s) s.t. G_T N y + s <= 0, 0 <= s <= 1: any row that can be made strict gets
+        # s = 1 at the optimum (the cone is closed under addition), an implicit one s = 0.
+        res = scipy.optimize.linprog(np.concatenate([np.zeros(k), -np.ones(t)]), A_ub=np.hstack([gy, np.eye(t)]),
+                                     b_ub=np.zeros(t), bounds=[(None, None)] * k + [(0, 1)] * t, method="highs")
         if res.status != 0:
             raise VerificationError(f"the implicit-equality LP failed: {res.message}")
-        return tight[res.x[n:] < 0.5]
+        strict = np.zeros(tight.size, dtype=bool)
+        strict[np.flatnonzero(free)[res.x[k:] >= 0.5]] = True
+        return tight[~strict]
 
     @cached_property
     def _hull(self) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """``M`` (equalities, implicit ones included), its singular values, rank and threshold."""
-        m = np.vstack([self.E, self.G[self.implicit_equalities]])
+        """``M`` (equalities, implicit ones included), ``[sigma]`` (an upper bound of its largest
+        singular value, ``sqrt(sigma_max(E)^2 + sigma_max(G_I)^2)``), its rank and the threshold of
+        the last rank decision. The rank is ``rank(E) + rank(G_I N)``, ``N`` spanning E's null space
+        (exact in exact arithmetic; each by SVD with NumPy's threshold)."""
+        null, rank_e, smax_e, tol = self._equality_null
+        gi = self.G[self.implicit_equalities]
+        m = np.vstack([self.E, gi])
         if m.shape[0] == 0:
             return m, np.zeros(0), 0, 0.0
-        # The values only (dim is needed far more often than a basis), of the tall M^T: the same
-        # values, and LAPACK is several times faster on it than on the wide row-major M.
-        s = scipy.linalg.svdvals(np.ascontiguousarray(m.T))
-        tol = max(m.shape) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
-        return m, s, int(np.sum(s > tol)), tol
+        rank, smax = rank_e, smax_e
+        if gi.shape[0] and null.shape[1]:
+            s = scipy.linalg.svdvals(np.ascontiguousarray((gi @ null).T))
+            tol = max(gi.shape[0], null.shape[1]) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
+            rank += int(np.sum(s > tol))
+            smax = float(np.hypot(smax_e, scipy.linalg.svdvals(gi)[0]))
+        return m, np.array([smax]), rank, tol
 
     @cached_property
     def _null_basis(self) -> np.ndarray:
         """``(n, dim)`` orthonormal columns spanning the affine hull (through 0)."""
-        m, _, rank, _ = self._hull
-        if m.shape[0] == 0:
-            return np.eye(self.n)
-        u, _, _ = scipy.linalg.svd(np.ascontiguousarray(m.T), full_matrices=True)  # M^T = U S V^T
-        return np.ascontiguousarray(u[:, rank:])
+        null, rank_e, _, _ = self._equality_null
+        gi = self.G[self.implicit_equalities]
+        if gi.shape[0] == 0 or null.shape[1] == 0:
+            return null
+        inner_rank = self.rank - rank_e
+        u, _, _ = scipy.linalg.svd(np.ascontiguousarray((gi @ null).T), full_matrices=True)
+        return np.ascontiguousarray(null @ u[:, inner_rank:])
 
     @property
     def rank(self) -> int:
@@ -400,7 +427,8 @@ class HarmlessPiece:
 
     @property
     def rank_tolerance(self) -> float:
-        """Singular values at most this count as zero: ``max(M.shape) * eps * sigma_max(M)``."""
+        """Singular values at most this counted as zero in the last rank decision (of ``E``, or of
+        the implicit equalities inside E's null space): ``max(shape) * eps * sigma_max``."""
         return self._hull[3]
 
     @property
