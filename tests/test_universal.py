@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import harmless
@@ -23,7 +25,7 @@ from harmless.attacks import (
 )
 from harmless.attacks.gradient import _project
 from harmless.errors import InputError, TrainingModeWarning
-from harmless.experiments.robustness import category, critical_radius
+from harmless.experiments.robustness import Settings, category, critical_radius, measure_norm
 
 SHAPE = (1, 4, 4)
 N = 16
@@ -228,6 +230,67 @@ def test_rho_and_fooling_of_v_equals_fooling_of_v_perp_without_clipping() -> Non
         assert fooling_rate(m, x, v_perp, bounds=None) == fooling_rate(m, x, r.v, bounds=None) == r.fooling_rate
 
 
+# -- a UAP in the harmful subspace only -------------------------------------------------------------------
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), norm=st.sampled_from(["inf", 2]), which=st.sampled_from(["uap", "sgd"]),
+       clip=st.booleans())
+def test_harmful_only_uap_stays_in_the_harmful_subspace_and_the_ball(seed: int, norm: str | int, which: str,
+                                                                    clip: bool) -> None:
+    """With ``subspace=``, every update is projected onto the row space of A and into the ball: v
+    keeps no harmless part (ρ ≤ 1e-20) and its norm is ≤ ξ, whatever the model, data, seed and
+    norm, and whether or not x + v is clipped (the box acts on x + v, not on v)."""
+    m = tiny(seed % 7)
+    space = harmless.harmless_subspace(m, SHAPE)
+    x = images(30, seed)
+    xi = 0.3 if norm == "inf" else 1.2
+    bounds = (0.0, 1.0) if clip else FREE
+    attack = (UniversalPerturbation(xi, norm, max_passes=2, bounds=bounds, subspace=space) if which == "uap"
+              else SGDUniversal(xi, norm, steps=12, batch_size=8, bounds=bounds, subspace=space))
+    r = attack(m, x, generator=gen(seed))
+    assert r.harmful_only and r.v.dtype == torch.float64
+    if float(r.v.norm()) == 0:  # DeepFool found no boundary inside the box for any image: nothing to check
+        assert sum(p.updates for p in r.history) == 0
+        return
+    assert float(harmless_fraction(space, r.v)[0]) <= 1e-20
+    assert r.v_norm <= xi * (1 + 1e-12)
+    # Unclipped, a harmful-only v fools exactly as its harmful part does (it is its harmful part).
+    assert fooling_rate(m, x, space.decompose(r.v)[1], bounds=None) == fooling_rate(m, x, r.v, bounds=None)
+
+
+def test_harmful_only_uap_in_l2_is_the_projection_of_the_standard_update() -> None:
+    """L2, one SGD step from v = 0 on one full batch: the harmful-only v is the standard step's
+    harmful part, rescaled into the ball (projection onto subspace ∩ ball), to round-off."""
+    m = tiny()
+    space = harmless.harmless_subspace(m, SHAPE)
+    x = images(16, 21)
+    std = SGDUniversal(1.0, 2, steps=1, batch_size=16, lr=5.0, clamp_loss=None, bounds=FREE)(m, x, generator=gen(0))
+    sub = SGDUniversal(1.0, 2, steps=1, batch_size=16, lr=5.0, clamp_loss=None, bounds=FREE, subspace=space)(
+        m, x, generator=gen(0))
+    # No box: the gradient is A^T(...), already harmful, so the two agree.
+    assert torch.allclose(sub.v, std.v, atol=1e-12, rtol=0)
+    # L∞ sign steps have a harmless part: the harmful-only v differs and is scaled, not clipped.
+    std_inf = SGDUniversal(0.3, "inf", steps=1, batch_size=16, bounds=FREE)(m, x, generator=gen(0))
+    sub_inf = SGDUniversal(0.3, "inf", steps=1, batch_size=16, bounds=FREE, subspace=space)(m, x, generator=gen(0))
+    harmful = space.decompose(std_inf.v)[1]
+    assert float(harmless_fraction(space, std_inf.v)[0]) > 0.01
+    assert torch.allclose(sub_inf.v, harmful * min(1.0, 0.3 / float(harmful.abs().max())), atol=1e-14, rtol=0)
+
+
+def test_harmful_only_uap_float32_and_bad_subspace() -> None:
+    m = tiny(dtype=torch.float32)
+    space = harmless.harmless_subspace(m, SHAPE)  # float64 subspace, float32 model and images
+    r = SGDUniversal(0.3, "inf", steps=5, batch_size=8, subspace=space)(m, images(20, 22, torch.float32),
+                                                                       generator=gen(0))
+    assert r.v.dtype == torch.float32 and float(harmless_fraction(space, r.v.double())[0]) < 1e-10
+    assert "subspace=<dim 10 of 16>" in repr(SGDUniversal(0.3, subspace=space))
+    with pytest.raises(InputError, match="subspace must be"):
+        SGDUniversal(0.3, subspace="P")  # type: ignore[arg-type]
+    other = harmless.harmless_subspace(nn.Sequential(nn.Flatten(), nn.Linear(9, 2)).double(), (1, 3, 3))
+    with pytest.raises(InputError, match="subspace is of inputs"):
+        UniversalPerturbation(0.3, subspace=other)(m, images(5, 23, torch.float32))
+
+
 # -- dtype, untouched inputs, eval mode ----------------------------------------------------------------
 
 def test_float32_and_inputs_unmodified() -> None:
@@ -314,3 +377,63 @@ def test_category_rule_and_critical_radius() -> None:
     assert critical_radius([1, 2, 3], [0.7, 0.8, 0.9], 0.5) == (1.0, "≤ 1")
     assert critical_radius([1, 2, 3], [0.0, 0.1, 0.2], 0.5) == (None, "> 3")
     assert critical_radius([1, 2], [1.0, 0.0], 0.5, falling=True) == (1.5, "1 – 2")
+
+
+# -- the category rule on models built to be in a category, through the measuring code -------------------
+
+class Constant(nn.Module):
+    """Always class 0, whatever the input (the input still enters the graph, with zero gradient)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 0 * x.reshape(x.shape[0], -1).sum(dim=1, keepdim=True)
+        return z + torch.tensor([1.0, 0.0, 0.0], dtype=x.dtype)
+
+
+class Ripple(nn.Module):
+    """logits_c = sin(K w_c·x): 10 classes whose regions are slabs of width ~π/(K‖w_c‖), far
+    narrower than any ε tested, so a random perturbation of norm ε lands in an unrelated class."""
+
+    def __init__(self, k: float = 2000.0) -> None:
+        super().__init__()
+        self.k = k
+        self.register_buffer("w", torch.randn(N, 10, generator=gen(30), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.k * (x.reshape(x.shape[0], -1) @ self.w.to(x.dtype)))
+
+
+QUICK = Settings(eval_images=40, craft_images=30, draws=5, uap_passes=1, sgd_steps=6, sgd_batch=10, pgd_steps=5,
+                 deepfool_steps=5)
+
+
+@pytest.mark.parametrize("norm", ["inf", 2])
+def test_measured_categories_of_a_constant_and_of_a_ripple_classifier(norm: str | int) -> None:
+    """Placed by measure_norm itself (random draws, UAPs, PGD, DeepFool), not by the rule alone:
+    a constant classifier is in category 1 at every ε (nothing changes its prediction, and it
+    keeps its accuracy), a classifier with tiny regions in category 4 at every ε."""
+    x = images(70, 31)
+    grid = (0.05, 0.2) if norm == "inf" else (0.2, 1.0)
+    y = torch.zeros(40, dtype=torch.long)
+    res = measure_norm(Constant().double().eval(), x[:40], y, x[40:], norm, grid, QUICK, log=lambda _: None)
+    for row in res.rows:
+        assert (row.random_flip, row.uap_rate, row.per_sample) == (0.0, 0.0, 0.0)
+        assert row.survive == 1.0 and row.category == 1
+    res = measure_norm(Ripple().double().eval(), x[:40], y, x[40:], norm, grid, QUICK, log=lambda _: None)
+    for row in res.rows:
+        assert row.random_flip >= 0.8 and row.category == 4
+
+
+def test_measure_norm_bad_input() -> None:
+    m, x, y = tiny(), images(20, 32), torch.zeros(10, dtype=torch.long)
+    for grid, words in (((), "non-empty"), ((0.1, 0.0), "positive"), ((-0.1,), "positive"), ((0.2, 0.1), "increasing"),
+                        ("0.1", "non-empty")):
+        with pytest.raises(InputError, match=words):
+            measure_norm(m, x[:10], y, x[10:], "inf", grid, QUICK)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="bounds"):
+        measure_norm(m, x[:10] * 3, y, x[10:], "inf", (0.1,), QUICK)
+    with pytest.raises(InputError, match="x_craft"):
+        measure_norm(m, x[:10], y, x[10:] - 1, "inf", (0.1,), QUICK)
+    with pytest.raises(InputError):
+        measure_norm(m, x[:10], y[:5], x[10:], "inf", (0.1,), QUICK)
+    with pytest.raises(InputError, match="norm"):
+        measure_norm(m, x[:10], y, x[10:], 1, (0.1,), QUICK)

@@ -16,6 +16,16 @@ to ``bounds`` (default ``[0, 1]``) wherever the model sees it; ``v`` itself lies
 of radius ``xi`` (p = ∞ or 2). Everything runs on the model's device, in the images' dtype
 (float32 or float64; the model must have the same one), in eval mode (training flags restored),
 and the inputs are never modified.
+
+**Harmful subspace only.** ``subspace=space`` (the model's :class:`~harmless.HarmlessSubspace`)
+crafts ``v`` in the harmful subspace, the row space of the first linear layer ``A``: after every
+update ``v ← Π_ball((I − P) v)``, the harmful part (``space.decompose``) first, then the ball.
+In L2 the ball step rescales, which keeps ``v`` in the subspace, and the composition is the
+exact projection onto (subspace ∩ ball) (the subspace passes through the ball's centre). In L∞
+clipping each pixel would leave the subspace, so the harmful part is **scaled** into the ball
+instead (``v · min(1, ξ/‖v‖∞)``): ``v`` is then in the subspace to round-off and in the ball, but
+not the nearest such point. ``x + v`` is still clipped to the box where the model sees it; the
+clipped change ``clip(x + v) − x`` is in general not harmful-only.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from harmless.attacks.deepfool import DeepFool
 from harmless.attacks.gradient import _direction, _project
 from harmless.errors import InputError
 from harmless.linalg.prefix import eval_mode
+from harmless.linalg.subspace import HarmlessSubspace
 
 __all__ = ["PassRecord", "SGDUniversal", "UniversalPerturbation", "UniversalResult", "fooling_rate"]
 
@@ -69,6 +80,7 @@ class UniversalResult:
     converged: bool  # the target fooling rate was reached (SGDUniversal has no target: False)
     holdout_fooling_rate: float | None = None
     holdout_fooled: torch.Tensor | None = None
+    harmful_only: bool = False  # crafted with ``subspace=``: v lies in the harmful subspace (I − P)
 
     @property
     def passes(self) -> int:
@@ -146,10 +158,24 @@ def _check_v(v: object, sample_shape: tuple[int, ...], like: torch.Tensor) -> to
 class _Universal:
     """Shared call: checks, eval mode, clean predictions, the held-out evaluation, the result."""
 
-    def __init__(self, xi: float, norm: str | int, bounds: Bounds) -> None:
+    def __init__(self, xi: float, norm: str | int, bounds: Bounds, subspace: HarmlessSubspace | None = None) -> None:
         self.xi = validation.positive_number(xi, "xi")
         self.norm = check_norm(norm)
         self.bounds = validation.bounds(bounds)
+        if subspace is not None and not isinstance(subspace, HarmlessSubspace):
+            raise InputError(f"subspace must be a HarmlessSubspace (harmless.harmless_subspace(model, shape)) or "
+                             f"None, got {type(subspace).__name__}")
+        self.subspace = subspace
+
+    def _to_ball(self, v: torch.Tensor) -> torch.Tensor:
+        """The projection after each update: onto the ball, or with ``subspace`` onto the harmful
+        subspace and then into the ball (scaled, not clipped, in L∞: see the module docstring)."""
+        if self.subspace is None:
+            return _project(v, self.xi, self.norm)
+        _, harmful = self.subspace.decompose(v)
+        h = harmful.to(dtype=v.dtype, device=v.device)
+        size = float(h.abs().max()) if self.norm == "inf" else float(h.norm())
+        return h * (self.xi / size) if size > self.xi else h
 
     def __call__(self, model: nn.Module, x_craft: torch.Tensor, x_holdout: torch.Tensor | None = None, *,
                  generator: torch.Generator | None = None) -> UniversalResult:
@@ -160,6 +186,9 @@ class _Universal:
         xc = check_images(model, x_craft, self.bounds, "x_craft").clone()
         xh = None if x_holdout is None else check_images(model, x_holdout, self.bounds, "x_holdout",
                                                           tuple(xc.shape[1:])).clone()
+        if self.subspace is not None and tuple(self.subspace.input_shape) != tuple(xc.shape[1:]):
+            raise InputError(f"the subspace is of inputs {tuple(self.subspace.input_shape)}, the images are "
+                             f"{tuple(xc.shape[1:])}")
         validation.generator(generator)
         with eval_mode(model, who=f"{type(self).__name__} evaluates it", stacklevel=4):
             y0 = _predict(model, xc)  # the labels to move away from: the clean predictions
@@ -170,14 +199,17 @@ class _Universal:
         return UniversalResult(
             v=v, norm=self.norm, xi=self.xi, bounds=self.bounds, fooling_rate=float(fooled.double().mean()),
             fooled=fooled, history=tuple(history), converged=converged,
-            holdout_fooling_rate=None if hf is None else float(hf.double().mean()), holdout_fooled=hf)
+            holdout_fooling_rate=None if hf is None else float(hf.double().mean()), holdout_fooled=hf,
+            harmful_only=self.subspace is not None)
 
     def _craft(self, model: nn.Module, x: torch.Tensor, y0: torch.Tensor, generator: torch.Generator | None
                ) -> tuple[torch.Tensor, list[PassRecord], bool]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        # The subspace is named by its size, not printed whole.
+        args = ", ".join(f"{k}={v!r}" if k != "subspace" or v is None else f"subspace=<dim {v.dim} of {v.ambient_dim}>"
+                         for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 
@@ -223,8 +255,8 @@ class UniversalPerturbation(_Universal):
 
     def __init__(self, xi: float, norm: str | int = "inf", target_fooling: float = 0.8, max_passes: int = 5,
                  overshoot: float = 0.02, deepfool_steps: int = 10, *, candidates: int | None = 10,
-                 batch_size: int = 1, bounds: Bounds = (0.0, 1.0)) -> None:
-        super().__init__(xi, norm, bounds)
+                 batch_size: int = 1, bounds: Bounds = (0.0, 1.0), subspace: HarmlessSubspace | None = None) -> None:
+        super().__init__(xi, norm, bounds, subspace)
         # A target of 1 is allowed (keep going until every image is fooled or the passes run out).
         if not validation.is_real(target_fooling) or not 0 < float(target_fooling) <= 1:
             raise InputError(f"target_fooling must be a number in (0, 1], got {target_fooling!r}")
@@ -280,7 +312,7 @@ class UniversalPerturbation(_Universal):
                         continue  # DeepFool did not reach another class within its steps: no update
                     if j > 0 and bool(_fooled(model, x[sel[j:j + 1]], y0[sel[j:j + 1]], v, b)[0]):
                         continue  # an earlier update of this mini-batch already fooled it
-                    v = _project(v + steps[j:j + 1], self.xi, self.norm)
+                    v = self._to_ball(v + steps[j:j + 1])
                     updates += 1
             rate = float(_fooled(model, x, y0, v, b).double().mean())
             history.append(PassRecord(rate, attacked, updates))
@@ -308,8 +340,8 @@ class SGDUniversal(_Universal):
 
     def __init__(self, xi: float, norm: str | int = "inf", steps: int = 200, batch_size: int = 64,
                  lr: float | None = None, clamp_loss: float | None = 10.0, *,
-                 bounds: Bounds = (0.0, 1.0)) -> None:
-        super().__init__(xi, norm, bounds)
+                 bounds: Bounds = (0.0, 1.0), subspace: HarmlessSubspace | None = None) -> None:
+        super().__init__(xi, norm, bounds, subspace)
         self.steps = validation.positive_int(steps, "steps")
         self.batch_size = validation.positive_int(batch_size, "batch_size")
         self.lr = self.xi / 10 if lr is None else validation.positive_number(lr, "lr")
@@ -334,7 +366,7 @@ class SGDUniversal(_Universal):
                     if self.clamp_loss is not None:
                         loss = loss.clamp(max=self.clamp_loss)
                     (g,) = torch.autograd.grad(loss.mean(), va)
-                v = _project(v + self.lr * _direction(g, self.norm), self.xi, self.norm).detach()
+                v = self._to_ball(v + self.lr * _direction(g, self.norm)).detach()
                 seen += idx.numel()
                 updates += 1
             done += updates

@@ -44,10 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import harmless
+from harmless import validation
 from harmless.attacks import PGD, DeepFool, SGDUniversal, UniversalPerturbation, UniversalResult, harmless_fraction
+from harmless.attacks.base import check_images, check_norm
+from harmless.errors import InputError
 from harmless.experiments.common import Table, one_torch_thread, provenance, save_figure, save_text
+from harmless.linalg.prefix import eval_mode
 
 SPEC = "mlp5:mnist"
 #: The category threshold: "almost every" / "most" read as a majority.
@@ -59,6 +64,11 @@ GRIDS: dict[str | int, tuple[float, ...]] = {"inf": (0.02, 0.05, 0.1, 0.15, 0.2,
 QUICK_GRIDS: dict[str | int, tuple[float, ...]] = {"inf": (0.05, 0.1, 0.2, 0.3), 2: (1.0, 2.0, 4.0, 8.0)}
 #: "No box": bounds nothing reaches, for the boundary normals (geometry, not an attack).
 FREE = (-1e3, 1e3)
+#: Further models, measured over the L∞ grid only (time): the PGD-adversarially-trained MLP-5
+#: (used only when its checkpoint is cached: adversarial training is not started from here),
+#: MLP-5 on Fashion-MNIST, LeNet on MNIST.
+ADV_SPEC = "mlp5:mnist,adv_eps=0.1"
+OTHER_SPECS = (ADV_SPEC, "mlp5:fashion-mnist", "lenet:mnist")
 
 
 def _log(msg: str) -> None:
@@ -82,12 +92,21 @@ class Settings:
     pgd_steps: int = 40
     deepfool_steps: int = 50
     seed: int = 0
+    #: Also craft an SGD UAP in the harmful subspace only (needs ``space``; not part of r3).
+    harmful_uap: bool = True
 
     @classmethod
     def of(cls, quick: bool) -> Settings:
         if quick:
             return cls(eval_images=100, craft_images=100, draws=5, uap_passes=3, sgd_steps=100, sgd_batch=50)
         return cls(eval_images=1000, craft_images=300, draws=10, uap_passes=5, sgd_steps=300, sgd_batch=50)
+
+    @classmethod
+    def other(cls, quick: bool) -> Settings:
+        """The further models: fewer images and passes (the run must stay within ~40 min on 2 busy cores)."""
+        if quick:
+            return cls.of(True)
+        return cls(eval_images=500, craft_images=200, draws=10, uap_passes=3, sgd_steps=300, sgd_batch=50)
 
 
 @dataclass
@@ -129,6 +148,23 @@ class EpsRow:
     views: list[UapView] = field(default_factory=list)
     seconds_uap: float = 0.0
     seconds_sgd: float = 0.0
+    # SGD UAP crafted in the harmful subspace only (same settings; None: not measured).
+    uap_harmful_craft: float | None = None
+    uap_harmful_hold: float | None = None
+    uap_harmful_rho: float | None = None
+
+
+@dataclass
+class ModelRun:
+    """One further model over the L∞ grid (or why it was left out)."""
+
+    spec: str
+    dataset: str
+    note: str = ""  # the checkpoint (weights_note)
+    clean_acc: float | None = None
+    harmless_dim: int | None = None
+    result: NormResult | None = None
+    skipped: str | None = None
 
 
 @dataclass
@@ -216,12 +252,43 @@ def uap_view(name: str, model64: nn.Module, space: harmless.HarmlessSubspace, x6
                    float(outside.reshape(n, -1).double().mean()), float(kept.mean()))
 
 
+def check_grid(grid: object, name: str = "eps") -> tuple[float, ...]:
+    """A non-empty ε grid of positive finite numbers, in increasing order (ε* interpolates along it)."""
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
+        raise InputError(f"{name} must be a non-empty list of positive numbers, got {grid!r}")
+    values = tuple(validation.positive_number(e, name) for e in grid)
+    if list(values) != sorted(set(values)):
+        raise InputError(f"{name} must be strictly increasing, got {', '.join(f'{e:g}' for e in values)}")
+    return values
+
+
 def measure_norm(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, x_craft: torch.Tensor,
                  norm: str | int, grid: Sequence[float], st: Settings, *,
                  model64: nn.Module | None = None, space: harmless.HarmlessSubspace | None = None,
-                 log: Callable[[str], None] = _log) -> NormResult:
-    """All four rates at every ε of ``grid`` in one norm. ``model`` in the images' dtype;
-    ``model64``/``space`` (a float64 copy and its harmless subspace) add the harmless view."""
+                 log: Callable[[str], None] = _log, progress: bool | None = False) -> NormResult:
+    """All four rates at every ε of ``grid`` in one norm, on the held-out ``x_eval`` (labels
+    ``y_eval``; images in [0, 1], in the model's dtype), the UAPs crafted on ``x_craft`` (other
+    images). ``space`` (the model's harmless subspace) adds a UAP crafted in the harmful subspace
+    only; ``model64`` with it (a float64 copy) adds the harmless view of each UAP. ``progress``:
+    a tqdm bar over the grid (None: only on a terminal). The model is measured in eval mode (a
+    model in training mode is switched, with a warning, by the attacks; its flags are restored)."""
+    norm = check_norm(norm)
+    grid = check_grid(grid)
+    x_eval = check_images(model, x_eval, (0.0, 1.0), "x_eval")
+    x_craft = check_images(model, x_craft, (0.0, 1.0), "x_craft", tuple(x_eval.shape[1:]))
+    y_eval = validation.labels(y_eval, x_eval.shape[0], "y_eval").to(x_eval.device)
+    with eval_mode(model, who="measure_norm evaluates it", stacklevel=3):
+        bar = tqdm(total=len(grid), desc=f"robustness {_norm_name(norm)}", unit="ε", file=sys.stderr,
+                   disable=None if progress is None else not progress, leave=False)
+        try:
+            return _measure_norm(model, x_eval, y_eval, x_craft, norm, grid, st, model64, space, log, bar)
+        finally:
+            bar.close()
+
+
+def _measure_norm(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, x_craft: torch.Tensor,
+                  norm: str | int, grid: Sequence[float], st: Settings, model64: nn.Module | None,
+                  space: harmless.HarmlessSubspace | None, log: Callable[[str], None], bar) -> NormResult:
     start = time.perf_counter()
     shape = tuple(x_eval.shape[1:])
     n = x_eval.shape[0]
@@ -233,10 +300,13 @@ def measure_norm(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, x
     rows: list[EpsRow] = []
     uaps: dict[float, UniversalResult] = {}
     x64 = None if model64 is None else x_eval.to(torch.float64)
+    # A UAP in the harmful subspace only differs from the standard one when there is a harmless subspace.
+    harmful_space = space if (st.harmful_uap and space is not None and space.dim > 0) else None
     for k, eps in enumerate(grid):
+        bar.set_postfix_str(f"ε = {eps:g}")
         gen = torch.Generator().manual_seed(st.seed + 1000 * k + (0 if norm == "inf" else 500))
         # (a) random perturbations of norm eps: all draws in one batch (draw d of image i at d·n + i).
-        dirs = _random_directions((st.draws * n,) + shape, norm, gen, x_eval.dtype)
+        dirs = _random_directions((st.draws * n,) + shape, norm, gen, x_eval.dtype).to(x_eval.device)
         xr = (x_eval.repeat(st.draws, *([1] * len(shape))) + eps * dirs).clamp(0.0, 1.0)
         flips = (_pred(model, xr) != y0.repeat(st.draws)).reshape(st.draws, n)
         # (b) universal perturbations crafted on other images, evaluated on these.
@@ -248,6 +318,11 @@ def measure_norm(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, x
         us = SGDUniversal(eps, norm, steps=st.sgd_steps, batch_size=st.sgd_batch)(
             model, x_craft, x_eval, generator=torch.Generator().manual_seed(st.seed + k))
         t_sgd = time.perf_counter() - t
+        uh = None
+        if harmful_space is not None:
+            # The same SGD, every update projected onto the harmful subspace (then into the ball).
+            uh = SGDUniversal(eps, norm, steps=st.sgd_steps, batch_size=st.sgd_batch, subspace=harmful_space)(
+                model, x_craft, x_eval, generator=torch.Generator().manual_seed(st.seed + k))
         assert ua.holdout_fooled is not None and us.holdout_fooled is not None
         # The UAP that counts is chosen on the crafting set (never on the held-out images).
         best, choice = (us, "SGD") if us.fooling_rate >= ua.fooling_rate else (ua, "DeepFool-UAP")
@@ -271,10 +346,14 @@ def measure_norm(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, x
             eps, r4, float(flips.all(dim=0).double().mean()), float(flips.any(dim=0).double().mean()),
             ua.fooling_rate, float(ua.holdout_fooling_rate or 0.0), ua.passes, us.fooling_rate,
             float(us.holdout_fooling_rate or 0.0), choice, r3, pgd.success_rate, float(df_ok.double().mean()),
-            r2, float(survive.double().mean()), category(r2, r3, r4), views, t_uap, t_sgd))
+            r2, float(survive.double().mean()), category(r2, r3, r4), views, t_uap, t_sgd,
+            None if uh is None else uh.fooling_rate, None if uh is None else uh.holdout_fooling_rate,
+            None if uh is None or harmful_space is None
+            else float(harmless_fraction(harmful_space, uh.v.to(harmful_space.dtype))[0])))
         log(f"{_norm_name(norm)} eps {eps:g}: random {r4:.3f}, UAP {r3:.3f} ({choice}), per-sample {r2:.3f}, "
             f"survive {rows[-1].survive:.3f} -> category {rows[-1].category} "
             f"(DeepFool-UAP {t_uap:.1f} s, {ua.passes} passes; SGD {t_sgd:.1f} s)")
+        bar.update(1)
     return NormResult(norm, rows, uaps, time.perf_counter() - start)
 
 
@@ -347,20 +426,56 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | None = None) -> l
         x_eval, y_eval = x[ev[0]:ev[1]], y[ev[0]:ev[1]]
         x_craft = x[cr[0]:cr[1]]
         space = harmless.harmless_subspace(model64, tuple(x.shape[1:]))
-        results = [measure_norm(model, x_eval, y_eval, x_craft, norm, grids[norm], st, model64=model64, space=space)
+        results = [measure_norm(model, x_eval, y_eval, x_craft, norm, grids[norm], st, model64=model64, space=space,
+                                progress=None)
                    for norm in ("inf", 2)]
         t = time.perf_counter()
         spec = normals_spectrum(model64, x_eval.double(), space, seed=st.seed)
         t_spec = time.perf_counter() - t
         with torch.no_grad():
             clean_acc = float((_pred(model, x_eval) == y_eval).double().mean())
+        others = [_other_model(o, Settings.other(quick), grids["inf"], data_dir) for o in OTHER_SPECS]
         seconds = time.perf_counter() - start
         cmd = "harmless reproduce robustness --out results" + (" --quick" if quick else "")
         text = _markdown(results, spec, st, tm.weights_sha256, tm.weights_note, clean_acc, ev, cr, space,
-                         seconds, t_spec, quick) + provenance(cmd)
-        fig = _figure(plt, results, spec, x_eval, model)
+                         seconds, t_spec, quick) + _others_markdown(others, results[0], Settings.other(quick)) + \
+            provenance(cmd)
+        fig = _figure(plt, results, spec, x_eval, model, others)
         out_dir.mkdir(parents=True, exist_ok=True)
         return [save_text(text, out_dir / "robustness.md"), save_figure(fig, out_dir / "robustness.png")]
+
+
+def _other_model(spec: str, st: Settings, grid: Sequence[float], data_dir: str | None) -> ModelRun:
+    """One further model over the L∞ grid: held-out test images 0..eval_images−1, UAPs crafted
+    on the next craft_images; a model that cannot be had (not in this zoo, or the adversarially
+    trained one not cached) is reported as left out, with the reason."""
+    from harmless.data import as_tensors, load_dataset
+    from harmless.errors import HarmlessError, NoHarmlessSubspaceError, TooLargeError
+    from harmless.models import DATASETS, get_model, parse_spec
+
+    try:
+        ms = parse_spec(spec)
+    except HarmlessError as exc:
+        return ModelRun(spec, "?", skipped=f"not in this zoo ({exc})")
+    dataset = DATASETS[ms.dataset].name
+    tm = get_model(spec, data_dir=data_dir, progress=False, train=spec != ADV_SPEC)
+    if not tm.trained:
+        return ModelRun(spec, dataset, skipped=f"no cached checkpoint (train it with `harmless models train {spec}`)")
+    model = copy.deepcopy(tm.model).float().eval()
+    x, y = as_tensors(load_dataset(dataset, "test", data_dir=data_dir), torch.float32)
+    n, c = st.eval_images, st.craft_images
+    space = None
+    try:
+        space = harmless.harmless_subspace(copy.deepcopy(tm.model).double().eval(), tuple(x.shape[1:]))
+        dim: int | None = int(space.dim)
+    except (NoHarmlessSubspaceError, TooLargeError):
+        dim = None
+    _log(f"{spec}: harmless subspace dim {dim}")
+    res = measure_norm(model, x[:n], y[:n], x[n:n + c], "inf", grid, st, space=space, progress=None,
+                       log=lambda m: _log(f"{spec}: {m}"))
+    with torch.no_grad():
+        acc = float((_pred(model, x[:n]) == y[:n]).double().mean())
+    return ModelRun(spec, dataset, tm.weights_note, acc, dim, res)
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -376,10 +491,17 @@ def _rates_table(r: NormResult) -> Table:
                      f"{_p(e.uap_df_hold)} ({_p(e.uap_df_craft)}, {e.uap_df_passes} p.)",
                      f"{_p(e.uap_sgd_hold)} ({_p(e.uap_sgd_craft)})", f"**{_p(e.uap_rate)}** ({e.uap_choice})",
                      _p(e.pgd), _p(e.deepfool), f"**{_p(e.per_sample)}**", f"**{_p(e.survive)}**",
-                     f"**{e.category}**"])
+                     f"**{e.category}**", _harmful_cell(e)])
     return Table(["ε", "r4 random flip (pairs)", "all draws flip", "any draw flips",
                   "DeepFool-UAP held-out (crafting, passes)", "SGD-UAP held-out (crafting)", "r3 UAP held-out",
-                  "PGD", "DeepFool ≤ ε", "r2 per-sample", "r1 survives all", "category"], rows)
+                  "PGD", "DeepFool ≤ ε", "r2 per-sample", "r1 survives all", "category",
+                  "SGD-UAP harmful subspace only: held-out (crafting; ρ)"], rows)
+
+
+def _harmful_cell(e: EpsRow) -> str:
+    if e.uap_harmful_hold is None or e.uap_harmful_craft is None:
+        return "–"
+    return f"{_p(e.uap_harmful_hold)} ({_p(e.uap_harmful_craft)}; {e.uap_harmful_rho:.0e})"
 
 
 def _critical_table(results: list[NormResult]) -> Table:
@@ -511,6 +633,13 @@ the higher crafting-set fooling rate. Per-sample: `PGD(ε, {st.pgd_steps}, norm)
 and `DeepFool(steps={st.deepfool_steps})` (L2, minimum norm: counted where its L∞ resp. L2 norm is ≤ ε), against
 the clean prediction. Seeds fixed (0 and offsets per ε). Harmless subspace of the first layer: dim
 {space.dim} of n = {space.ambient_dim}.
+
+**A UAP in the harmful subspace only** (last column, not part of r3): the same SGD, with every update
+projected onto the row space of the first layer A (`SGDUniversal(..., subspace=space)`: v ← (I − P)v,
+then into the ball). In L2 the ball step rescales, which stays in the subspace (the exact projection
+onto subspace ∩ ball); in L∞ clipping would leave the subspace, so the harmful part is scaled into the
+ball instead: v is harmful-only to round-off (ρ in the column), but a scaled-down L∞ vector is far
+from the ball's corners, where the standard sign-step UAP lives, and so fools much less at the same ε.
 """]
     for r in results:
         parts.append(f"""
@@ -545,42 +674,106 @@ nearest boundary and r/‖r‖ the boundary normal there (the UAP paper's Fig. 8
 
 ## Figure
 
-`robustness.png`: the four rates against ε (L∞, L2) over the category bands given by the rule; the
-singular values σ_k/σ_1 of the normals against random unit vectors; the UAPs that give r3 at the
-largest ε of each grid, with their held-out fooling rates.
+`robustness.png`: the four rates against ε (L∞, L2; grey: the harmful-subspace-only UAP) over the
+category bands given by the rule, for MLP-5 on MNIST and (second row) the further models below; the
+singular values σ_k/σ_1 of the normals against random unit vectors; the L∞ UAP that gives r3 at ε =
+0.2 with held-out images it fools (clip(x + v), predicted class before → after).
 
-Run time: {seconds:.0f} s on {os.cpu_count()} CPUs, one torch thread{' (quick: 100 evaluation and 100 crafting images, coarse grid)' if quick else ''}.
+Run time (all models): {seconds:.0f} s on {os.cpu_count()} CPUs shared with other jobs, one torch thread{' (quick: 100 evaluation and 100 crafting images, coarse grid)' if quick else ''}.
 """)
+    return "".join(parts)
+
+
+def _others_markdown(others: list[ModelRun], main: NormResult, st: Settings) -> str:
+    done = [o for o in others if o.result is not None]
+    parts = [f"""
+## More models (L∞)
+
+The same measurements over the L∞ grid for further zoo models, with {st.eval_images} held-out test images
+(indices 0–{st.eval_images - 1} of each model's own test set), UAPs crafted on the next {st.craft_images},
+{st.draws} random draws, `UniversalPerturbation(max_passes={st.uap_passes})`, the same SGD, PGD and DeepFool
+settings as above. The MLP-5 on MNIST column repeats the L∞ categories above (1,000 held-out images).
+"""]
+    for o in others:
+        if o.result is None:
+            parts.append(f"- `{o.spec}`: left out: {o.skipped}.\n")
+        else:
+            hd = "no harmless subspace measured" if o.harmless_dim is None else f"harmless subspace dim {o.harmless_dim}"
+            parts.append(f"- `{o.spec}`: {o.note}; clean accuracy on the held-out images "
+                         f"{_p(o.clean_acc or 0.0)}; {hd}.\n")
+    if not done:
+        return "".join(parts)
+    grid = main.eps
+    head = ["ε", f"`{SPEC}`"] + [f"`{o.spec}`" for o in done]
+    rows = []
+    for i, e in enumerate(grid):
+        cells = [f"{e:g}", str(main.rows[i].category)]
+        for o in done:
+            assert o.result is not None
+            cells.append(str(o.result.rows[i].category))
+        rows.append(cells)
+    parts.append(f"\nCategory per ε (rule as above, τ = {TAU:g}):\n\n{Table(head, rows).markdown()}")
+    for o in done:
+        assert o.result is not None
+        r = o.result
+        t = Table(["ε", "r4 random flip", "r3 UAP held-out", "r2 per-sample", "r1 survives all", "category",
+                   "SGD-UAP harmful subspace only: held-out (crafting; ρ)"],
+                  [[f"{e.eps:g}", _p(e.random_flip), f"{_p(e.uap_rate)} ({e.uap_choice})", _p(e.per_sample),
+                    _p(e.survive), f"**{e.category}**", _harmful_cell(e)] for e in r.rows])
+        crit = []
+        for label, rates, falling in (("r3", [e.uap_rate for e in r.rows], False),
+                                      ("r2", [e.per_sample for e in r.rows], False),
+                                      ("r1", [e.survive for e in r.rows], True)):
+            val, where = critical_radius(r.eps, rates, 1 - TAU if falling else TAU, falling=falling)
+            crit.append(f"{label} {'not reached (' + where + ')' if val is None else f'{val:.3g} ({where})'}")
+        parts.append(f"\n### `{o.spec}`\n\n{t.markdown()}ε* (τ = {TAU:g}): {'; '.join(crit)}. "
+                     f"Measured in {r.seconds:.0f} s.\n")
     return "".join(parts)
 
 
 _BAND = {1: "#d8f0d8", 2: "#fff2c0", 3: "#ffd8b0", 4: "#f8c0c0"}
 
 
-def _figure(plt, results: list[NormResult], spec: Spectrum, x_eval: torch.Tensor, model: nn.Module):
-    fig = plt.figure(figsize=(14, 8))
-    gs = fig.add_gridspec(2, 4)
-    for k, r in enumerate(results):
-        ax = fig.add_subplot(gs[0, 2 * k:2 * k + 2])
-        eps = np.array(r.eps)
-        # Category bands: each grid point's category from its midpoint to the next.
-        edges = np.concatenate([[eps[0]], (eps[1:] + eps[:-1]) / 2, [eps[-1]]])
-        for i, e in enumerate(r.rows):
-            ax.axvspan(edges[i], edges[i + 1], color=_BAND[e.category], alpha=0.8, linewidth=0)
-            ax.text((edges[i] + edges[i + 1]) / 2, 1.03, str(e.category), ha="center", fontsize=8)
-        for label, vals, style in (("r4 random flip", [e.random_flip for e in r.rows], "o-"),
-                                   ("r3 UAP held-out", [e.uap_rate for e in r.rows], "s-"),
-                                   ("r2 per-sample (PGD ∪ DeepFool)", [e.per_sample for e in r.rows], "^-"),
-                                   ("r1 survives all", [e.survive for e in r.rows], "v--")):
-            ax.plot(eps, vals, style, label=label, markersize=4)
-        ax.axhline(TAU, color="k", linestyle=":", linewidth=1)
-        ax.set_ylim(-0.02, 1.08)
-        ax.set_xlabel(f"ε ({_norm_name(r.norm)}, image units [0, 1])", fontsize=9)
-        ax.set_ylabel("rate", fontsize=9)
-        ax.set_title(f"MLP-5 MNIST, {_norm_name(r.norm)}: rates and category (bands; τ = {TAU:g} dotted)", fontsize=9)
+def _rates_axes(ax, r: NormResult, title: str, legend: bool = True) -> None:
+    eps = np.array(r.eps)
+    # Category bands: each grid point's category from its midpoint to the next.
+    edges = np.concatenate([[eps[0]], (eps[1:] + eps[:-1]) / 2, [eps[-1]]])
+    for i, e in enumerate(r.rows):
+        ax.axvspan(edges[i], edges[i + 1], color=_BAND[e.category], alpha=0.8, linewidth=0)
+        ax.text((edges[i] + edges[i + 1]) / 2, 1.03, str(e.category), ha="center", fontsize=8)
+    for label, vals, style in (("r4 random flip", [e.random_flip for e in r.rows], "o-"),
+                               ("r3 UAP held-out", [e.uap_rate for e in r.rows], "s-"),
+                               ("r2 per-sample (PGD ∪ DeepFool)", [e.per_sample for e in r.rows], "^-"),
+                               ("r1 survives all", [e.survive for e in r.rows], "v--")):
+        ax.plot(eps, vals, style, label=label, markersize=4)
+    harmful = [e.uap_harmful_hold for e in r.rows]
+    if all(h is not None for h in harmful):
+        ax.plot(eps, harmful, "x:", color="grey", label="UAP, harmful subspace only", markersize=4)
+    ax.axhline(TAU, color="k", linestyle=":", linewidth=1)
+    ax.set_ylim(-0.02, 1.08)
+    ax.set_xlabel(f"ε ({_norm_name(r.norm)}, image units [0, 1])", fontsize=9)
+    ax.set_ylabel("rate", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    if legend:
         ax.legend(fontsize=7, loc="center right")
-    ax = fig.add_subplot(gs[1, :2])
-    ax.semilogy(np.arange(1, len(spec.normals) + 1), np.maximum(spec.normals, 1e-17), label=f"DeepFool normals ({spec.count} images)")
+
+
+def _figure(plt, results: list[NormResult], spec: Spectrum, x_eval: torch.Tensor, model: nn.Module,
+            others: Sequence[ModelRun] = ()):
+    done = [o for o in others if o.result is not None]
+    rows = 3 if done else 2
+    fig = plt.figure(figsize=(15, 4 * rows))
+    gs = fig.add_gridspec(rows, 6)
+    for k, r in enumerate(results):
+        _rates_axes(fig.add_subplot(gs[0, 3 * k:3 * k + 3]), r,
+                    f"MLP-5 MNIST, {_norm_name(r.norm)}: rates and category (bands; τ = {TAU:g} dotted)")
+    for k, o in enumerate(done[:3]):
+        assert o.result is not None
+        _rates_axes(fig.add_subplot(gs[1, 2 * k:2 * k + 2]), o.result, f"{o.spec}, L∞", legend=False)
+    last = rows - 1
+    ax = fig.add_subplot(gs[last, :2])
+    ax.semilogy(np.arange(1, len(spec.normals) + 1), np.maximum(spec.normals, 1e-17),
+                label=f"DeepFool normals ({spec.count} images)")
     ax.semilogy(np.arange(1, len(spec.random) + 1), spec.random, label="random unit vectors in R^n")
     if spec.random_rowspace is not None:
         ax.semilogy(np.arange(1, len(spec.random_rowspace) + 1), np.maximum(spec.random_rowspace, 1e-17),
@@ -591,20 +784,34 @@ def _figure(plt, results: list[NormResult], spec: Spectrum, x_eval: torch.Tensor
     ax.set_ylabel("σ_k / σ_1", fontsize=9)
     ax.set_title("decision-boundary normals vs random directions (dotted: rank of A)", fontsize=9)
     ax.legend(fontsize=7)
-    for j, r in enumerate(results):
-        xi = r.eps[-1]
-        u = r.uaps[xi]
-        ax = fig.add_subplot(gs[1, 2 + j])
-        lim = float(u.v.abs().max())
-        ax.imshow(u.v[0, 0].numpy(), cmap="seismic", vmin=-lim, vmax=lim)
-        ax.set_title(f"UAP {_norm_name(r.norm)} ξ = {xi:g}: held-out fooling {_p(u.holdout_fooling_rate or 0.0)}",
-                     fontsize=8)
+    # The L∞ UAP nearest ε = 0.2 and held-out images it fools, with their predictions before → after.
+    r = results[0]
+    xi = min(r.eps, key=lambda e: abs(e - 0.2))
+    u = r.uaps[xi]
+    sub = gs[last, 2:].subgridspec(1, 5)
+    ax = fig.add_subplot(sub[0, 0])
+    lim = float(u.v.abs().max())
+    ax.imshow(u.v[0, 0].cpu().numpy(), cmap="seismic", vmin=-lim, vmax=lim)
+    ax.set_title(f"UAP L∞ ξ = {xi:g}\nheld-out fooling {_p(u.holdout_fooling_rate or 0.0)}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    assert u.holdout_fooled is not None
+    fooled = torch.nonzero(u.holdout_fooled.cpu()).flatten()[:4]
+    with torch.no_grad():
+        xs = x_eval[fooled]
+        xa = (xs + u.v).clamp(0.0, 1.0)
+        before, after = _pred(model, xs).tolist(), _pred(model, xa).tolist()
+    for j in range(len(fooled)):
+        ax = fig.add_subplot(sub[0, j + 1])
+        ax.imshow(xa[j, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"test #{int(fooled[j])}: {before[j]} → {after[j]}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Robustness categories of MLP-5 (MNIST): random < universal < per-sample perturbations", fontsize=10)
+    fig.suptitle("Robustness categories: random < universal < per-sample perturbations", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-__all__ = ["GRIDS", "QUICK_GRIDS", "TAU", "EpsRow", "NormResult", "Settings", "Spectrum", "UapView", "category",
-           "critical_radius", "measure_norm", "normals_spectrum", "run", "uap_view"]
+__all__ = ["ADV_SPEC", "GRIDS", "OTHER_SPECS", "QUICK_GRIDS", "TAU", "EpsRow", "ModelRun", "NormResult", "Settings",
+           "Spectrum", "UapView", "category", "check_grid", "critical_radius", "measure_norm", "normals_spectrum", "run",
+           "uap_view"]
