@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harmless import __version__
-from harmless.cli import analyze, attack, privatize
+from harmless.cli import analyze, attack, privatize, robustness
 from harmless.cli.common import (
     ALLOW_TRAINING,
     EXIT_USER_ERROR,
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     privatize.add_parser(sub)
 
     attack.add_parser(sub)
+
+    robustness.add_parser(sub)
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
     rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
