@@ -22,6 +22,7 @@ writes the same bytes as one uninterrupted single-process run on the same machin
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -45,7 +46,7 @@ from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import save_figure, show_image
 from harmless.privacy.audit import TVAttack
 from harmless.privacy.core import DecoyPrivatizer, PaperPrivatizer, PrivatizeResult, Quantizer, make_decoy
-from harmless.privacy.problem import PrivacyProblem
+from harmless.privacy.problem import PrivacyProblem, ProblemCache
 from harmless.privacy.tiles import Tiling, per_image_norms
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -87,11 +88,32 @@ def _own_output(path: Path) -> bool:
     return False
 
 
+#: The one safetensors metadata key of an exact output: a JSON object with ``source``, ``method``
+#: and ``metrics``. One key, because safetensors writes several in a different order in every
+#: process, and the bytes of an output must not depend on the process that wrote it.
+_META_KEY = "harmless.privatize"
+
+
+def _png_verifies(path: Path) -> bool:
+    """Whether ``path`` is a whole PNG (its chunks' checksums hold)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # absent, cut short or not a PNG
+        return False
+
+
 def _read_metadata(exact: Path) -> dict[str, str]:
-    """The safetensors metadata of an exact output; empty when absent or unreadable."""
+    """The metadata of an exact output (``source``, ``method``, ``metrics``), read from its one
+    key or, for outputs of earlier versions, from three keys; empty when absent or unreadable."""
     try:
         with safe_open(str(exact), framework="pt") as fh:
-            return dict(fh.metadata() or {})
+            raw = dict(fh.metadata() or {})
+        if _META_KEY not in raw:
+            return raw
+        meta = json.loads(raw[_META_KEY])
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
     except Exception:  # absent, truncated or foreign: not one of ours
         return {}
 
@@ -327,16 +349,19 @@ def _collect_inputs(inputs: Sequence[str | Path], out_dir: Path) -> list[Path]:
 
 def _resume(sources: list[Path], out_dir: Path, label: str) -> tuple[list[ImageRecord], list[Path]]:
     """The records of the images an earlier run finished (their metrics read back from their
-    exact files) and the images still to do. An image finished with another method is refused:
-    mixing methods in one folder would make its report lie about half the images."""
+    exact files) and the images still to do. Finished means both outputs are there and verify:
+    the exact file's header and metadata read, and name the image; the PNG's data are whole.
+    Outputs that do not verify (a file cut short by a crash, say) are made again. An image
+    finished with another method is refused: mixing methods in one folder would make its
+    report lie about half the images."""
     records: list[ImageRecord] = []
     todo: list[Path] = []
     for src in sources:
         exact, png = _outputs(src, out_dir)
-        if not (exact.exists() and png.exists()):
+        meta = _read_metadata(exact) if exact.exists() and png.exists() else {}
+        if meta.get("source") != src.name or not _png_verifies(png):
             todo.append(src)
             continue
-        meta = _read_metadata(exact)
         if meta.get("method") != label:
             raise InputError(f"{exact} was made with {meta.get('method', 'an unknown method')!r}, this run asks "
                              f"for {label!r}; use another --out folder (or the earlier method to resume)")
@@ -357,6 +382,9 @@ class _Solved:
     x_hat: torch.Tensor
     x_8bit: torch.Tensor
     metrics: list[dict[str, float]]
+
+
+_CONFIGURED = ("privatizer", "quantizer", "figure_attack")  # the _BatchSolver fields that keep a ProblemCache
 
 
 @dataclass
@@ -401,10 +429,21 @@ class _BatchSolver:
         return PrivacyProblem(self.part)
 
     def __getstate__(self) -> dict[str, object]:
-        # the dense data are made again by each process that solves, not shipped to it
+        # the dense data are made again by each process that solves, not shipped to it; the
+        # configured objects' caches of dense data (weak dictionaries, which do not pickle) are
+        # empty here (every call passes self.problem) and start anew on arrival
         state = dict(self.__dict__)
         state.pop("problem", None)
+        for key in _CONFIGURED:
+            obj = copy.copy(state[key])
+            vars(obj).pop("_problems", None)
+            state[key] = obj
         return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for key in _CONFIGURED:
+            vars(state[key])["_problems"] = ProblemCache()
+        self.__dict__.update(state)
 
     @property
     def per_image(self) -> int:
@@ -472,7 +511,8 @@ def _write_outputs(src: Path, out_dir: Path, solved: _Solved, i: int, label: str
     atomic_write_bytes(png, _png_bytes(solved.x_8bit[i]))
     with atomic_path(exact) as tmp:
         save_file({"x_hat": solved.x_hat[i].contiguous(), "x_hat_8bit": solved.x_8bit[i].contiguous()},
-                  str(tmp), metadata={"source": src.name, "method": label, "metrics": json.dumps(metrics)})
+                  str(tmp), metadata={_META_KEY: json.dumps({"source": src.name, "method": label,
+                                                             "metrics": json.dumps(metrics)})})
     return ImageRecord(str(src), str(exact), str(png), "privatised", label, **metrics)
 
 
