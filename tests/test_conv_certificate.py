@@ -134,6 +134,19 @@ def test_certifies_known_cases(d: int, c_in: int, c_out: int, kernel: int, strid
     assert cert.notes and "sweep certificate" in cert.notes[0]
 
 
+def test_border_windows_with_fewer_inputs_than_kernels_give_the_exact_rank() -> None:
+    """7x7/s6/p3 -> 64 (the zoo's s6 stem) at 20 px: the corner windows read 4 x 4 or 4 x 5
+    pixels (48 or 60 inputs for 64 kernels), so rank = m - 24 < m, dim > n - m. The sweep
+    needs blocks of windows with the short last block merged in."""
+    conv = _conv(2, 3, 64, 7, stride=6, padding=3, seed=0)
+    shape = (3, 20, 20)
+    op = _op(conv, shape)
+    cert = sweep_certificate(op)
+    assert cert.certified, cert.reason
+    assert cert.rank == op.m - 24 == oracle.rank(oracle.dense_matrix(conv, shape))
+    assert "last block merged" in cert.directions[0] and "border windows allow" in cert.notes[0]
+
+
 def test_unread_pixels_give_an_exact_dim() -> None:
     conv = _conv(1, 2, 8, 4, stride=3)
     op = _op(conv, (2, 14))  # windows read 0..12; pixel 13 is read by no window
@@ -280,6 +293,15 @@ def test_stems_at_224_px_end_to_end(c_out: int, kernel: int, stride: int, paddin
     assert not space.dim_is_lower_bound
     print(f"\n{kernel}x{kernel}/s{stride}/p{padding} -> {c_out} at 224 px: dim {dim}; linear run "
           f"{traced - start:.2f} s, dim {done - traced:.3f} s")
+
+
+@pytest.mark.slow
+def test_the_s6_stem_at_224_px_has_the_rank_its_corners_allow() -> None:
+    """The overlapping 7x7/s6/p3 -> 64 stem of Table 2 at 224 px: dim = n - m + 24 (about
+    5 s of CPU: blocks of 3 x 3 windows, the last 5 merged)."""
+    op = _op(_conv(2, 3, 64, 7, stride=6, padding=3, seed=0), (3, 224, 224))
+    info = analyze_rank(op, bases=False)
+    assert info.method == "sweep-certificate" and info.dim == op.n - op.m + 24 == 58_136, info.notes
 
 
 @pytest.mark.slow

@@ -1,27 +1,32 @@
 """An exact rank certificate for large zero-padded convolutions, in milliseconds: the sweep.
 
-Order the output windows (or blocks of ``b`` consecutive windows per spatial dimension)
+Order the output windows (or blocks of consecutive windows per spatial dimension)
 lexicographically and give each the input pixels that it reads and no earlier one read,
 its *new* pixels. Put the columns of ``A`` in the same order (every channel of a pixel
 together): the rows of a window then touch only its own new pixels and earlier windows'
 ones, so ``A`` is block lower triangular, with one diagonal block ``P_w`` per window: the
 kernel's rows restricted to the taps that land on the new pixels (``C_out * #windows`` rows,
 ``C_in * #new pixels`` columns). For block triangular matrices ``rank(A) >= sum_w rank(P_w)``
-(a non-singular minor of every diagonal block together forms a non-singular minor of
-``A``), and always ``rank(A) <= min(m, n_read)`` with ``n_read`` the input entries that some
-window reads (the others are columns of zeros). When the two bounds meet, the rank is
-exact: every block of full column rank makes ``A`` injective on the pixels it reads
-(a tall stem such as ResNet's 7x7/s2/p3 -> 64 at 224 px: ``dim = 0``), every block of full
-row rank makes ``A`` of full row rank (a dimension-reducing stem: ``dim = n - m``).
+(a non-singular minor of every diagonal block together forms a non-singular minor of ``A``).
+
+From above, by shapes alone: ``rank(A) <= n_read`` (the input entries no window reads are
+columns of zeros), and ``rank(A) <= sum_w min(C_out * #windows, C_in * #pixels it reads)``
+over any partition of the windows (a row block spans at most as many dimensions as it has
+rows or reads inputs): a corner window of a 7x7/s6/p3 stem reads 4 x 4 pixels, so its 64
+kernels span at most 48 dimensions. When the lower bound meets the upper one the rank is
+exact: a tall stem such as ResNet's 7x7/s2/p3 -> 64 at 224 px is injective (``dim = 0``), a
+dimension-reducing one has full row rank (``dim = n - m``), and one whose border windows
+read fewer inputs than it has kernels has exactly the rank those windows allow.
 
 New pixels factor over the spatial dimensions (a pixel is old exactly when, in some
 dimension, an earlier window index already read its coordinate), so the diagonal blocks take
 only a handful of shapes (corner, edges, interior, the last rows and columns): each is
-decided once by an SVD, with the tolerance every dense rank in ``harmless`` uses
-(``sigma_min > max(r, c) * eps * sigma_max``). The certificate may hold in one scan direction
-and not in another (the border windows differ), and single windows may be too small where
-blocks of windows are not (a 7x7/s2 stem without padding: a corner window reads 147 inputs
-for 64 outputs); directions and block sizes are tried from the cheapest.
+decomposed once by an SVD, its rank counted with the tolerance every dense rank in
+``harmless`` uses (``sigma > max(r, c) * eps * sigma_max``). Which sweep works depends on the
+border: scan directions (``2^d``), blocks of 1 to 4 windows per dimension (a 7x7/s2 stem
+without padding: a corner window reads 147 inputs for 64 kernels, a block of 2 x 2 windows
+243 for 256) and a short last block merged into the one before are tried, cheapest first,
+skipping without any SVD every sweep whose block shapes cannot reach the upper bound.
 
 It proves the rank of the float64 matrix in exact arithmetic up to the tolerance of each
 small SVD. It does not bound ``A``'s condition number: a certified injective ``A`` may still
@@ -47,8 +52,8 @@ from harmless.linalg.operators import ConvOperator
 
 #: Largest diagonal block (entries) that is decomposed; larger ones make a scan order fail.
 DEFAULT_MAX_BLOCK_ENTRIES = 4_194_304
-#: Budget of SVD floating-point operations (about a few seconds on one core).
-DEFAULT_MAX_FLOPS = 5e10
+#: Budget of SVD floating-point operations (about 10 s on one core of a busy machine).
+DEFAULT_MAX_FLOPS = 1.5e11
 
 
 @dataclass
@@ -86,30 +91,52 @@ class SweepCertificate:
         return None if self.rank is None else self.n - self.rank
 
 
+_Blocks = tuple[Counter[bytes], dict[bytes, tuple[np.ndarray, int]], int]
+
+
 def _dimension_blocks(size: int, out: int, stride: int, left: int, dilation: int, kernel: int, block: int,
-                      backward: bool) -> tuple[Counter[bytes], dict[bytes, np.ndarray], int]:
+                      backward: bool, merge_tail: bool) -> _Blocks:
     """One spatial dimension of the sweep: for each block of ``block`` consecutive output
-    indices (in the scan direction), the 0/1 tensor ``taps[a, q, t]`` (``1`` when the block's
-    ``a``-th output reads its ``q``-th new input index through tap ``t``). Blocks with equal
-    tensors have equal diagonal blocks; returns their counts, the tensors and the number of
-    input indices read at all."""
+    indices (in the scan direction; with ``merge_tail`` a short last block joins the one
+    before it), the 0/1 tensor ``taps[a, q, t]`` (``1`` when the block's ``a``-th output reads
+    its ``q``-th new input index through tap ``t``) and the number of input indices the block
+    reads. Blocks with equal tensors and counts have equal diagonal blocks and bounds; returns
+    their counts, the (tensor, read count) pairs and the number of input indices read at all."""
     order = np.arange(out)[::-1] if backward else np.arange(out)
     seen = np.zeros(size, dtype=bool)
     counts: Counter[bytes] = Counter()
-    tensors: dict[bytes, np.ndarray] = {}
+    found: dict[bytes, tuple[np.ndarray, int]] = {}
     taps_range = np.arange(kernel) * dilation
-    for start in range(0, out, block):
-        outs = np.sort(order[start:start + block])
+    starts = list(range(0, out, block))
+    if merge_tail and out % block and len(starts) > 1:
+        starts.pop()
+    for start, stop in zip(starts, starts[1:] + [out]):
+        outs = np.sort(order[start:stop])
         pix = outs[:, None] * stride - left + taps_range[None, :]  # (a, kernel) input index per tap
         valid = (pix >= 0) & (pix < size)
         read = np.unique(pix[valid])
         new = read[~seen[read]]
         seen[read] = True
         taps = ((pix[:, None, :] == new[None, :, None]) & valid[:, None, :]).astype(np.float64)
-        key = np.asarray(taps.shape, dtype=np.int64).tobytes() + taps.tobytes()
+        key = np.asarray((*taps.shape, read.size), dtype=np.int64).tobytes() + taps.tobytes()
         counts[key] += 1
-        tensors.setdefault(key, taps)
-    return counts, tensors, int(seen.sum())
+        found.setdefault(key, (taps, int(read.size)))
+    return counts, found, int(seen.sum())
+
+
+@dataclass
+class _Sweep:
+    """One scan order and block size: its distinct diagonal blocks and two numbers,
+    ``reachable`` (the most its diagonal blocks' ranks can add up to, from their shapes) and
+    ``upper`` (an upper bound on ``rank(A)`` from its partition of the rows: a block of
+    windows spans at most as many dimensions as it has rows or reads inputs)."""
+
+    block: int
+    backward: tuple[bool, ...]
+    merged: tuple[bool, ...]
+    patterns: list[tuple[tuple[bytes, ...], list[np.ndarray], int, int, int, int]]  # keys, taps, rows, cols, read, n
+    reachable: int
+    upper: int
 
 
 def _diagonal_block(weight: np.ndarray, taps: list[np.ndarray]) -> np.ndarray:
@@ -158,86 +185,94 @@ def _sweep(op: ConvOperator, *, max_block: int, max_block_entries: int, max_flop
     weight = op.kernel_matrix().to("cpu", torch.float64).numpy().reshape(op.weight.shape[0], c_in, *op.kernel_size)
     c_out = weight.shape[0]
 
-    def dimension(i: int, block: int, backward: bool) -> tuple[Counter[bytes], dict[bytes, np.ndarray], int]:
-        return _dimension_blocks(spatial[i], outs[i], op.stride[i], op._pad_lr[i][0], op.dilation[i],
-                                 op.kernel_size[i], min(block, outs[i]), backward)
-
-    read_per_dim = [dimension(i, 1, False)[2] for i in range(op.d)]
-    n_read = c_in * math.prod(read_per_dim)
-    unread = op.n - n_read
-    bound = min(op.m, n_read)
-    decided: dict[tuple[bytes, ...], tuple[bool, float]] = {}  # block key -> (full rank, sigma ratio)
-    flops = 0.0
-    first_reason = ""
-    tried = 0
-    eps = np.finfo(np.float64).eps
-    blocks_tried: set[tuple[int, ...]] = set()
+    # Phase 1, shapes only: every scan order and block size, and the tightest upper bound.
+    sweeps: list[_Sweep] = []
+    n_read = 0
     for block in range(1, max_block + 1):
-        effective = tuple(min(block, o) for o in outs)
-        if effective in blocks_tried:
-            break  # every dimension already takes all its windows in one block
-        blocks_tried.add(effective)
-        for backward in itertools.product((False, True), repeat=op.d):
-            tried += 1
-            dims = [dimension(i, block, backward[i]) for i in range(op.d)]
-            combos = []
-            reachable = 0
-            for keys in itertools.product(*[list(c) for c, _, _ in dims]):
-                taps = [dims[i][1][key] for i, key in enumerate(keys)]
+        if block > 1 and all(o < block for o in outs):
+            break  # every dimension already took all its windows in one block
+        # A short last block can leave the border windows too few new inputs (the 7x7/s6/p3 ->
+        # 64 stem at 224 px needs blocks of 3 with the last 2 merged in): try it merged into the
+        # block before it first, then alone.
+        merges = [(True, False) if block > 1 and o % block and o > block else (False,) for o in outs]
+        for backward, merged in itertools.product(itertools.product((False, True), repeat=op.d),
+                                                  itertools.product(*merges)):
+            dims = [_dimension_blocks(spatial[i], outs[i], op.stride[i], op._pad_lr[i][0], op.dilation[i],
+                                      op.kernel_size[i], min(block, outs[i]), backward[i], merged[i])
+                    for i in range(op.d)]
+            n_read = c_in * math.prod(read for _, _, read in dims)
+            patterns = []
+            for keys in itertools.product(*[list(counts) for counts, _, _ in dims]):
+                taps = [dims[i][1][key][0] for i, key in enumerate(keys)]
                 rows = c_out * math.prod(t.shape[0] for t in taps)
                 cols = c_in * math.prod(t.shape[1] for t in taps)
+                read = c_in * math.prod(dims[i][1][key][1] for i, key in enumerate(keys))
                 count = math.prod(dims[i][0][key] for i, key in enumerate(keys))
-                reachable += count * min(rows, cols)
-                combos.append((keys, taps, rows, cols))
-            reason = ""
-            if reachable < bound:
-                # Some block has more unknowns than equations and fewer equations than its
-                # share of the rank: no weights make this sweep certify.
-                # The culprits: blocks with more unknowns than equations when the bound is
-                # n_read (injectivity), fewer unknowns than equations when it is m.
-                sign = 1 if bound == n_read else -1
-                worst = max(combos, key=lambda c: sign * (c[3] - c[2]))
-                if worst[3] == 0:
-                    reason = (f"the last windows read no pixel that earlier ones did not, so their equations cannot "
-                              f"add to the rank (blocks of {block} window(s)): the sweep cannot reach rank {bound:,}")
-                else:
-                    reason = (f"a diagonal block has {worst[2]} equations for {worst[3]} unknowns (blocks of {block} "
-                              f"window(s)), so the sweep cannot reach rank {bound:,}")
-            ratio = math.inf
-            for keys, taps, rows, cols in sorted(combos, key=lambda c: c[2] * c[3]) if not reason else []:
-                if cols == 0:
-                    continue
-                if keys not in decided:
-                    if rows * cols > max_block_entries:
-                        reason = f"a {rows} x {cols} diagonal block is above the limit of {max_block_entries:,} entries"
-                        break
-                    flops += 4.0 * rows * cols * min(rows, cols)
-                    if flops > max_flops:
-                        reason = f"the SVDs would exceed the budget of {max_flops:.0e} flops"
-                        break
-                    sv = scipy.linalg.svd(_diagonal_block(weight, taps), compute_uv=False, lapack_driver="gesdd",
-                                          check_finite=False)
-                    full = sv.size > 0 and svd_rank(sv, rows, cols) == min(rows, cols)
-                    decided[keys] = (full, float(sv[-1] / sv[0]) if sv.size and sv[0] > 0 else 0.0)
-                full, r = decided[keys]
-                if not full:
-                    reason = (f"a {rows} x {cols} diagonal block (blocks of {block} window(s)) is rank-deficient: "
-                              f"sigma_min/sigma_max = {r:.1e} <= tolerance {max(rows, cols) * eps:.1e}")
+                patterns.append((keys, taps, rows, cols, read, count))
+            sweeps.append(_Sweep(block, backward, merged, patterns, sum(p[5] * min(p[2], p[3]) for p in patterns),
+                                 sum(p[5] * min(p[2], p[4]) for p in patterns)))
+    unread = op.n - n_read
+    bound = min([n_read] + [sw.upper for sw in sweeps])  # rank(A) <= bound, exactly (shapes only)
+
+    # Phase 2: the sweeps whose shapes can reach the bound, cheapest first; each distinct
+    # diagonal block is decomposed once.
+    ranks: dict[tuple[bytes, ...], tuple[int, float]] = {}  # block key -> (rank, sigma_rank / sigma_max)
+    flops = 0.0
+    first_reason = ""
+    eps = np.finfo(np.float64).eps
+    for tried, sw in enumerate(sweeps, start=1):
+        reason = ""
+        if sw.reachable < bound:
+            # The culprit: the block whose new unknowns fall furthest short of its share of the bound.
+            worst = max(sw.patterns, key=lambda p: min(p[2], p[4]) - min(p[2], p[3]))
+            if worst[3] == 0:
+                reason = (f"the last windows read no pixel that earlier ones did not, so their equations cannot "
+                          f"add to the rank (blocks of {sw.block} window(s)): the sweep cannot reach rank {bound:,}")
+            else:
+                reason = (f"a diagonal block has {worst[2]} equations for {worst[3]} new unknowns (blocks of "
+                          f"{sw.block} window(s)), so the sweep cannot reach rank {bound:,}")
+        possible = sw.reachable  # falls as blocks turn out rank-deficient
+        ratio = math.inf
+        for keys, taps, rows, cols, _, count in sorted(sw.patterns, key=lambda p: p[2] * p[3]) if not reason else []:
+            if cols == 0:
+                continue
+            if keys not in ranks:
+                if rows * cols > max_block_entries:
+                    reason = f"a {rows} x {cols} diagonal block is above the limit of {max_block_entries:,} entries"
                     break
-                ratio = min(ratio, r)
-            if not reason:
-                names = tuple("backward" if b else "forward" for b in backward)
-                n_patterns = sum(1 for c in combos if c[3])
-                cert = SweepCertificate(op.n, op.m, bound, unread, directions=names, block=block,
-                                        patterns=n_patterns, sigma_ratio=ratio, tried=tried)
-                kind = ("injective on the pixels some window reads" if bound == n_read else "full row rank")
-                cert.notes.append(
-                    f"sweep certificate ({', '.join(names)}; blocks of {block} window(s) per dimension): "
-                    f"{n_patterns} distinct diagonal blocks all of full rank (smallest sigma_min/sigma_max "
-                    f"{ratio:.1e}, tolerance max(r, c) * eps), so the convolution is {kind}: rank {bound:,}")
-                if unread:
-                    cert.notes.append(f"{unread:,} input entries are read by no window (harmless outright)")
-                return cert
-            first_reason = first_reason or reason
-    return SweepCertificate(op.n, op.m, None, unread, tried=tried,
-                            reason=f"{first_reason} (tried {tried} scan directions and block sizes)")
+                flops += 4.0 * rows * cols * min(rows, cols)
+                if flops > max_flops:
+                    reason = f"the SVDs would exceed the budget of {max_flops:.0e} flops"
+                    break
+                sv = scipy.linalg.svd(_diagonal_block(weight, taps), compute_uv=False, lapack_driver="gesdd",
+                                      check_finite=False)
+                r = svd_rank(sv, rows, cols)
+                ranks[keys] = (r, float(sv[r - 1] / sv[0]) if r else 0.0)
+            r, kept = ranks[keys]
+            possible -= count * (min(rows, cols) - r)
+            if possible < bound:
+                low = f"sigma_min/sigma_max = {kept:.1e}" if r == min(rows, cols) else f"rank {r}"
+                reason = (f"a {rows} x {cols} diagonal block (blocks of {sw.block} window(s)) has {low} "
+                          f"(tolerance max(r, c) * eps = {max(rows, cols) * eps:.1e}): the sweep cannot reach "
+                          f"rank {bound:,}")
+                break
+            if r:
+                ratio = min(ratio, kept)
+        if not reason:
+            names = tuple(("backward" if b else "forward") + (", last block merged" if m else "")
+                          for b, m in zip(sw.backward, sw.merged))
+            n_patterns = sum(1 for p in sw.patterns if p[3])
+            cert = SweepCertificate(op.n, op.m, bound, unread, directions=names, block=sw.block,
+                                    patterns=n_patterns, sigma_ratio=ratio, tried=tried)
+            kind = ("injective on the pixels some window reads" if bound == n_read else
+                    "of full row rank" if bound == op.m else "of the rank its border windows allow")
+            cert.notes.append(
+                f"sweep certificate ({', '.join(names)}; blocks of {sw.block} window(s) per dimension): the ranks of "
+                f"{n_patterns} distinct diagonal blocks (smallest kept sigma/sigma_max {ratio:.1e}, tolerance "
+                f"max(r, c) * eps) reach the upper bound, so the convolution is {kind}: rank {bound:,}")
+            if unread:
+                cert.notes.append(f"{unread:,} input entries are read by no window (harmless outright)")
+            return cert
+        first_reason = first_reason or reason
+    return SweepCertificate(op.n, op.m, None, unread, tried=len(sweeps),
+                            reason=f"{first_reason} (tried {len(sweeps)} scan directions and block sizes)")
