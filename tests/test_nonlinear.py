@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -28,6 +29,7 @@ import harmless
 from harmless.errors import InputError, TrainingModeWarning, UnsupportedLayerError
 from harmless.models.zoo import MLP5
 from harmless.nonlinear import (
+    EXTREMES,
     INJECTIVE_LAYERS,
     MaxPoolSet,
     ReluNetwork,
@@ -35,6 +37,7 @@ from harmless.nonlinear import (
     SoftmaxSet,
     SubspaceSet,
     ZeroSet,
+    extreme_bias_shift,
     harmless_set,
     layer_set,
     two_linear_set,
@@ -369,6 +372,71 @@ def test_theorem2_extremes():
     net = ReluNetwork(model, (4,))
     assert net.piece(x, 1).dim == 4 and net.piece(x, 0).dim == 1  # the larger set: all of R^n locally
     assert net.piece(x, 1).extent(torch.ones(4, dtype=torch.float64)) > 10
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(st.integers(0, 2**16), st.sampled_from([("mlp", "1"), ("mlp", "3"), ("cnn", "1"), ("cnn", "5")]))
+def test_theorem2_extremes_by_bias_shift_against_brute_force(seed, where):
+    kind, relu = where
+    model = mlp(seed, widths=(6, 8, 8, 3)) if kind == "mlp" else cnn(seed)
+    shape = (6,) if kind == "mlp" else (1, 4, 4)
+    x = torch.randn(*shape, generator=gen(seed), dtype=torch.float64)
+    params = [p.clone() for p in model.parameters()]
+    n = x.numel()
+    for extreme in EXTREMES:
+        shifted = extreme_bias_shift(model, x, relu, extreme, margin=0.5)
+        m = shifted.model
+        k = [name for name, _ in m.named_children()].index(relu)
+        pre = layer_jacobian(m, x, k - 1)  # oracle: the ReLU's input Jacobian by autograd
+        net = ReluNetwork(m, shape)
+        before, at = net.piece(x, k - 1), net.piece(x, k)
+        with torch.no_grad():
+            y = m(x.unsqueeze(0))
+        if extreme == "positive":
+            assert (shifted.pre_activation >= 0.5 - 1e-12).all()
+            # P^(relu) = P^(previous): the same dimension, n - rank of the previous layer's Jacobian,
+            # and the same set (samples of each lie in the other).
+            assert at.dim == before.dim == n - np.linalg.matrix_rank(pre)
+            assert at.contains(before.sample(8, generator=gen(seed))).all()
+            assert before.contains(at.sample(8, generator=gen(seed + 1))).all()
+        else:
+            assert (shifted.pre_activation <= -0.5 + 1e-12).all()
+            # The larger set: everything that keeps the earlier pattern (full-dimensional here,
+            # no ties) and leaves the pre-activations <= 0; brute force over random points.
+            assert at.dim == n and at.dim >= before.dim
+            d = torch.randn(400, *shape, generator=gen(seed + 2), dtype=torch.float64)
+            d = d * torch.logspace(-3, 1, 400, dtype=torch.float64).view(-1, *[1] * len(shape))
+            with torch.no_grad():
+                inside = torch.ones(400, dtype=torch.bool)
+                for j in range(k + 1):
+                    head = nn.Sequential(*list(m)[:j])  # the input of module j
+                    z0, z1 = head(x.unsqueeze(0)), head(x + d)
+                    if j == k:
+                        inside &= (z1 <= 0).reshape(400, -1).all(dim=1)
+                    elif isinstance(m[j], nn.ReLU):
+                        inside &= ((z0 > 0) == (z1 > 0)).reshape(400, -1).all(dim=1)
+                    elif isinstance(m[j], nn.MaxPool2d):  # each window's maximum still at the same entry
+                        _, idx = F.max_pool2d(z0, 2, return_indices=True)
+                        at_idx = z1.flatten(2).gather(2, idx.flatten(2).expand(400, -1, -1))
+                        inside &= (at_idx == F.max_pool2d(z1, 2).flatten(2)).reshape(400, -1).all(dim=1)
+                changed = ((m(x + d) - y).norm(dim=1) / y.norm()) > 1e-9
+            assert torch.equal(at.contains(d), inside)
+            assert not changed[inside].any()
+            assert 0 < int(inside.sum()) < 400  # both sides of the boundary were tried
+        delta = at.sample(10, generator=gen(seed + 3))
+        assert at.certify(delta).output_unchanged.all()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))  # the caller's model untouched
+
+
+def test_extreme_bias_shift_bad_input():
+    model = mlp(0)
+    x = torch.ones(6, dtype=torch.float64)
+    with pytest.raises(InputError, match="extreme"):
+        extreme_bias_shift(model, x, "1", "negative")
+    with pytest.raises(InputError, match="no ReLU named '0'"):
+        extreme_bias_shift(model, x, "0", "positive")
+    with pytest.raises(UnsupportedLayerError, match="bias"):
+        extreme_bias_shift(nn.Sequential(nn.Linear(6, 4, bias=False), nn.ReLU()).double().eval(), x, "1", "positive")
 
 
 def test_implicit_equalities_from_ties():

@@ -8,10 +8,13 @@
   :class:`ReluNetwork` / :func:`harmless_set` give the exact convex piece that contains 0
   (:class:`HarmlessPiece`: ``dim``, ``extent``, ``contains``, ``certify``, ``sample``). The
   union over other activation regions is not computed.
+* Theorem 2's extremes (:mod:`harmless.nonlinear.extremes`): :func:`extreme_bias_shift` puts a
+  chosen ReLU's pre-activations all positive or all non-positive at a sample by a bias shift.
 """
 
 from __future__ import annotations
 
+from harmless.nonlinear.extremes import EXTREMES, BiasShift, extreme_bias_shift
 from harmless.nonlinear.layer_sets import (
     INJECTIVE_LAYERS,
     LayerSet,
@@ -29,4 +32,5 @@ from harmless.nonlinear.network import OUTPUT_RTOL, Certificate, HarmlessPiece, 
 __all__ = [
     "INJECTIVE_LAYERS", "LayerSet", "MaxPoolSet", "ReluSet", "SoftmaxSet", "SubspaceSet", "TwoLinearSet", "ZeroSet",
     "layer_set", "two_linear_set", "OUTPUT_RTOL", "Certificate", "HarmlessPiece", "ReluNetwork", "harmless_set",
+    "EXTREMES", "BiasShift", "extreme_bias_shift",
 ]
