@@ -63,10 +63,11 @@ class SweepCertificate:
     ``rank`` is the exact rank when certified, else ``None`` (``reason`` says why).
     ``unread`` input entries (pixel x channel) are read by no window: they are harmless
     whatever the weights, so ``dim >= unread`` always. ``directions`` (one per spatial
-    dimension, ``"forward"`` or ``"backward"``) and ``block`` (windows per block and
-    dimension) name the certifying sweep; ``patterns`` is the number of distinct diagonal
-    blocks decided and ``sigma_ratio`` the smallest ``sigma_min / sigma_max`` among them
-    (the margin over the tolerance ``max(r, c) * eps``).
+    dimension: ``"forward"`` or ``"backward"``, with ``", last block merged"`` when a short
+    last block joined the one before) and ``block`` (windows per block and dimension) name
+    the certifying sweep; ``patterns`` is the number of distinct diagonal blocks and
+    ``sigma_ratio`` the smallest ``sigma_r / sigma_max`` over the singular values they count
+    (the margin over the tolerance ``max(r, c) * eps``); ``tried`` counts the sweeps looked at.
     """
 
     n: int
