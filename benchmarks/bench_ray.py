@@ -103,9 +103,18 @@ def main() -> None:
         f"{'reference' if same is None else ('yes, all ' + str(len(reference)) + ' files' if same else 'NO')} |\n"
         for name, wall, same in rows)
     digest = (trained.weights_sha256 or "unknown")[:12]
+    cores = os.cpu_count() or 1
+    fewer = "" if n >= 1000 else (" (fewer images than the 1,000 of the default, which would have held this shared "
+                                  "machine for about 40 minutes; `--n 1000` measures those)")
+    busy = ""
+    if max(load) > 2 * cores:  # the times then say more about the other jobs than about the engines
+        busy = (f"The load average was up to {max(load) / cores:.0f}× the number of cores: these times measure the "
+                "share of the cores the other jobs left to each run, which changed from run to run, so the "
+                "speed-ups above are not a property of the engines (no run was faster for a reason of its own). "
+                "Throughput on an idle machine was not measured.\n\n")
     text = (
         "# Privatising MNIST on Ray Data: one process against 1 and 2 workers\n\n"
-        f"`python benchmarks/bench_ray.py --n {n}`: the zoo's MLP-5 (`mlp5:mnist`, weights sha256 {digest}…, "
+        f"`python benchmarks/bench_ray.py --n {n}`{fewer}: the zoo's MLP-5 (`mlp5:mnist`, weights sha256 {digest}…, "
         f"float64), the first {n} MNIST test images written as PNG files, the grey decoy (`harmless privatize "
         f"MODEL DIR --out OUT [--ray --workers N]`), batches of {args.batch_size}, measured one after the other in "
         f"one run. Ray {ray.__version__} on a local instance with 2 CPUs, started once ({startup:.1f} s, not in the "
@@ -121,6 +130,7 @@ def main() -> None:
         "This holds because each image is solved on its own, on one torch thread, with random numbers seeded by "
         "the run's seed and the file name (`harmless.privacy.job`); it is not a claim across machines: another "
         "CPU or torch build may change the last bits (the outputs still verify, and the report certifies them).\n\n"
+        + busy +
         "Where this does not hold: on a machine whose cores are busy with other work (as here) a second worker "
         "gains only what the other jobs leave free; with more cores per worker than one, a single process on "
         "several torch threads would be faster than one worker, but its results would differ in the last bits "
