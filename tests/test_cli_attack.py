@@ -294,3 +294,36 @@ def test_file_form_refusals(capsys, tmp_path, images) -> None:
     code, _, err = run(capsys, *base, str(folder), "--out", out, *common)
     assert code == EXIT_USER_ERROR and "report.json already exists" in one_error_line(err)
     assert not list(Path(out).glob("*.png"))  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_attack_files_on_mlp5_linf(capsys, tmp_path) -> None:
+    """The zoo's MLP-5 (cached checkpoint; skipped where it is not cached) on two MNIST-like PNGs:
+    the L∞ smallest equivalent of an L2 PGD example, written and re-loaded."""
+    from PIL import Image
+
+    from harmless.models import checkpoint_paths, load_model
+
+    if not all(p.exists() for p in checkpoint_paths("mlp5:mnist")):
+        pytest.skip("mlp5:mnist is not cached (harmless models train mlp5:mnist)")
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        img = np.zeros((28, 28), dtype=np.uint8)
+        img[6:22, 10:18] = (rng.random((16, 8)) * 255).astype(np.uint8)  # a stroke on black, as in MNIST
+        Image.fromarray(img, mode="L").save(tmp_path / f"d{i}.png")
+    out = tmp_path / "out"
+    code, text, err = run(capsys, "attack", "mlp5:mnist", str(tmp_path / "d0.png"), str(tmp_path / "d1.png"),
+                          "--attack", "pgd", "--eps", "2.0", "--norm", "2", "--smallest-norm", "inf",
+                          "--out", str(out), "--no-train", "--json")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    model = load_model("mlp5:mnist", allow_training=False)
+    m64 = copy.deepcopy(model).double()
+    for rec in rep["images"]:
+        t = load_file(str(out / f"{rec['stem']}.adv.safetensors"))
+        with torch.no_grad():
+            f_adv, f_small = m64(t["x_adv"].double()[None]), m64(t["x_small"][None])
+        assert float((f_small - f_adv).norm() / f_adv.norm()) <= 1e-10
+        assert rec["label_kept"] and rec["optimality_bound"] <= 1e-6
+        assert float(t["delta_small"].abs().max()) <= float(t["delta"].abs().max()) + 1e-12
