@@ -700,7 +700,9 @@ def _others_markdown(others: list[ModelRun], main: NormResult, st: Settings) -> 
 The same measurements over the L∞ grid for further zoo models, with {st.eval_images} held-out test images
 (indices 0–{st.eval_images - 1} of each model's own test set), UAPs crafted on the next {st.craft_images},
 {st.draws} random draws, `UniversalPerturbation(max_passes={st.uap_passes}, batch_size={st.uap_batch})` (the
-documented mini-batch variant, for time), the same SGD, PGD and DeepFool settings as above. The MLP-5 on MNIST column repeats the L∞ categories above.
+documented mini-batch variant, for time), the same SGD, PGD and DeepFool settings as above. The MLP-5
+on MNIST column repeats the L∞ categories above.
+
 """]
     for o in others:
         if o.result is None:
