@@ -233,3 +233,58 @@ def test_fig4_runs_on_an_injected_model(tmp_path):
         assert max(a.report.max_harmless_diff) < 1e-9
         if a.rho_free is not None and a.name in ("PGD L2 1.5", "FGSM L2 1.5", "DeepFool"):
             assert float(np.nanmax(a.rho_free)) < 1e-20  # unboxed gradient steps: row space only
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    """A patchify CNN in miniature: a 2x2 stride-2 conv with 2 channels tiles the 4x4 image into 4
+    patches of 4 pixels, each mapped to 2 outputs: rank 8 of 16, harmless dim 8 (dim/n = 0.5, as
+    for the zoo's patchcnn)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Conv2d(1, 2, 2, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8, CLASSES))
+    return m.double().eval()
+
+
+def test_fig4_measures_a_patchify_cnn_and_its_smallest_equivalents():
+    from harmless.experiments.fig4 import CW, NOISE, Case, measure
+
+    x = rand((40, *SHAPE), 15)
+    m = tiny_cnn(seed=4)
+    with torch.no_grad():
+        y = m(x).argmax(dim=1)
+    r = measure(Case("tiny-cnn", m, x, y, list(range(40))), cw_images=8, shrink_images=12, linf_images=3)
+    assert r.dim == 8 and r.n == N
+    noise = next(a for a in r.rows if a.name == NOISE)
+    assert abs(float(np.nanmean(noise.rho)) - 0.5) < 0.12  # 40 draws of Beta(4, 4): sd 0.026
+    assert noise.shrink is None
+    for a in r.rows:
+        assert a.report.max_perp_diff < 1e-12 and max(a.report.max_harmless_diff) < 1e-9
+        if a.rho_free is not None and a.name in ("PGD L2 1.5", "FGSM L2 1.5", "DeepFool"):
+            # the gradient of a conv prefix is Wᵀg: in the row space of the block-diagonal W
+            assert float(np.nanmax(a.rho_free)) < 1e-20
+        if a.name == CW:
+            assert len(a.rho) == 8 and a.rho_free is None
+        for norm, sh in (a.shrink or {}).items():
+            assert sh.images == min(12 if norm == "L2" else 3, len(a.rho))
+            assert sh.kept == sh.successes == sh.ratio.size
+            assert sh.successes == int((a.report.success[: sh.images] & torch.from_numpy(a.l2[: sh.images] > 0)).sum())
+            # x + δ is feasible, so the nearest equivalent is never farther; certificates are tight
+            assert np.all(sh.ratio <= 1.0 + 1e-12) and sh.output_diff < 1e-10 and sh.bound < 1e-3
+    fgsm2 = next(a for a in r.rows if a.name == "FGSM L2 1.5")
+    assert set(fgsm2.shrink or {}) == {"L2", "L∞"}
+    assert set(next(a for a in r.rows if a.name == "PGD L∞ 0.1").shrink or {}) == {"L2"}
+
+
+def test_fig4_report_with_an_mlp_and_a_cnn(tmp_path):
+    from harmless.experiments.fig4 import Case, run
+
+    x = rand((16, *SHAPE), 16)
+    cases = []
+    for name, m in (("tiny-mlp", tiny(seed=5)), ("tiny-cnn", tiny_cnn(seed=6))):
+        with torch.no_grad():
+            cases.append(Case(name, m, x, m(x).argmax(dim=1), list(range(16)), checksum=None, note="untrained"))
+    md, png = run(tmp_path, quick=True, cases=cases)
+    text = md.read_text()
+    assert "## tiny-mlp" in text and "## tiny-cnn" in text and "dim 8 of n = 16" in text
+    assert "(c) The smallest equivalent adversarial example" in text and "C&W L2" in text
+    assert png.stat().st_size > 0
