@@ -289,6 +289,7 @@ def _check_linf(s: SmallestEquivalentResult, a: np.ndarray, x_adv: torch.Tensor,
     assert np.abs(moved @ a.T).max() <= 1e-10  # A(x_small − x_adv) = 0: harmless
     assert s.max_output_diff <= 1e-10 and bool(s.label_kept.all())
     cert = s.certificate
+    assert float(cert.box_violation.max()) <= 1e-12
     assert float(cert.gap.min()) >= -1e-12  # weak duality, up to round-off
     assert float(s.optimality_bound.max()) <= 1e-6
     for k in range(b):

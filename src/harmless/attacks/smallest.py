@@ -48,7 +48,7 @@ from harmless.attacks.harmless_view import _float64_model, _relative
 from harmless.errors import InputError
 from harmless.linalg.prefix import eval_mode
 from harmless.linalg.subspace import HarmlessSubspace
-from harmless.privacy import AffineBoxProjector, PrivacyProblem, ProjectionInfo
+from harmless.privacy import AffineBoxProjector, PrivacyProblem, ProjectionInfo, box_violation
 from harmless.privacy.problem import checked_images
 from harmless.privacy.solver import repair
 
@@ -64,7 +64,9 @@ class LPCertificate:
     the solver's accuracy; float64 round-off aside); ``gap``: ``‖x_small − x‖∞ − lower_bound``
     (≥ 0 up to round-off), so the returned L∞ norm is within ``gap`` of the minimum; ``rel_gap``:
     gap / max(‖x_small − x‖∞, 1e-30); ``infeasibility``: ``‖(I − P)(x' − x_adv)‖`` of HiGHS's
-    point before the repair, relative to ``(hi − lo) max(1, ‖x_adv‖)``; ``shrink``: the factor
+    point before the repair, relative to ``(hi − lo) max(1, ‖x_adv‖)`` (after it, the result's
+    ``harmful_residual``); ``box_violation``: how far ``x_small`` leaves the box, per sample
+    (~1e-12 at most, after the repair); ``shrink``: the factor
     the repair scaled the harmless part by (1: none needed); ``iterations``: simplex/IPM
     iterations (the most over the batch); ``converged``: per sample, HiGHS reported an optimum
     (False also where no LP was needed, ``δ = 0``, with a gap of 0)."""
@@ -73,6 +75,7 @@ class LPCertificate:
     lower_bound: torch.Tensor
     rel_gap: torch.Tensor
     infeasibility: torch.Tensor
+    box_violation: torch.Tensor
     shrink: torch.Tensor
     iterations: int
     converged: torch.Tensor
@@ -339,7 +342,8 @@ class SmallestEquivalent:
         low = torch.from_numpy(lower)
         gap = primal - low
         cert = LPCertificate(gap=gap, lower_bound=low, rel_gap=gap / primal.clamp_min(1e-30),
-                             infeasibility=infeasibility, shrink=theta, iterations=iterations,
+                             infeasibility=infeasibility, box_violation=box_violation(flat, self.bounds),
+                             shrink=theta, iterations=iterations,
                              converged=torch.from_numpy(converged))
         return flat.reshape(x_adv.shape), cert
 
