@@ -27,7 +27,8 @@ import math
 import os
 import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from types import ModuleType
@@ -79,11 +80,12 @@ def privatize_files_ray(space: HarmlessSubspace | Tiling, inputs: Sequence[str |
             size = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
             bar = tqdm(total=run.total_steps, desc=f"privatize ({size} Ray workers)", unit=run.unit,
                        disable=not progress or None)
-            for batch in _results(ray, run, size, batch_size):
-                new, rows = _decode(batch)
-                records += new
-                shown += rows
-                bar.update(len(new) * run.solver.per_image)
+            with _quiet(ray):
+                for batch in _results(ray, run, size, batch_size):
+                    new, rows = _decode(batch)
+                    records += new
+                    shown += rows
+                    bar.update(len(new) * run.solver.per_image)
             bar.close()
         finally:
             if started:
@@ -112,12 +114,24 @@ def _connect(ray: ModuleType, address: str | None, workers: int | None) -> bool:
     return True
 
 
+@contextmanager
+def _quiet(ray: ModuleType) -> Iterator[None]:
+    """Ray Data without its own progress bars (ours counts images; its per-operator bars would
+    interleave with it) and its notes on starting and finishing; then as the caller had it."""
+    context = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    before = context.enable_progress_bars, context.print_on_execution_start, logger.level
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = before[:2]
+        logger.setLevel(before[2])
+
+
 def _results(ray: ModuleType, run: PrivatizeRun, size: int, batch_size: int) -> Any:
     """The batches of records, as the actors finish them."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours counts images; Ray's per-operator bars would interleave
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notes on starting and finishing
     rows = [{"path": str(p)} for p in run.todo]
     blocks = -(-len(rows) // batch_size)  # one block per batch: the actors share the work evenly
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
