@@ -511,3 +511,15 @@ def test_lemma1_measurement_on_mlp5():
     assert (r.dims[:, fc1] == 528).all() and r.h0_dim == 528
     assert (np.diff(r.dims, axis=1) >= 0).all()  # P^(l) ⊆ P^(l+1)
     assert max(r.output_change) < 1e-12 and min(r.outside_h0) > 0.1
+
+
+@pytest.mark.slow
+def test_theorem2_extremes_on_mlp5():
+    # The README's numbers (MLP-5/MNIST, test image 0). Trains mlp5:mnist on first use.
+    from harmless.experiments.lemma1 import measure_extremes
+
+    rows = {(r["relu"], r["extreme"]): r for r in measure_extremes("mlp5:mnist", 0)}
+    for relu, before in (("relu1", 528), ("relu3", 683)):
+        assert rows[relu, "positive"]["dim_before"] == rows[relu, "positive"]["dim_at"] == before
+        assert rows[relu, "non-positive"]["dim_at"] == rows[relu, "non-positive"]["dim_output"] == 784
+    assert max(float(r["max_output_change"]) for r in rows.values()) < 1e-12

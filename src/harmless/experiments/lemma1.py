@@ -81,6 +81,38 @@ def measure(spec: str, images: int, *, samples: int = 4, seed: int = 0) -> Model
     return result
 
 
+def measure_extremes(spec: str, image: int = 0, relus: tuple[str, ...] = ("relu1", "relu3"),
+                     *, samples: int = 4) -> list[dict[str, object]]:
+    """Theorem 2's extremes on a trained zoo model at one test image, made by
+    :func:`harmless.nonlinear.extreme_bias_shift` (margin 1): per ReLU and extreme, the piece's
+    dimension at the layer before the ReLU, at the ReLU and at the output, the largest bias shift,
+    and the largest relative change of the float64 output over ``samples`` members of the ReLU's
+    piece. Run: ``python -c "from harmless.experiments.lemma1 import measure_extremes as m;
+    print(m('mlp5:mnist'))"``."""
+    from harmless.data import as_tensors, load_dataset
+    from harmless.models import DATASETS, get_model, parse_spec
+    from harmless.nonlinear import EXTREMES, extreme_bias_shift
+
+    ms = parse_spec(spec)
+    model = get_model(spec).model.double().eval()
+    shape = tuple(DATASETS[ms.dataset].in_shape)
+    x, _ = as_tensors(load_dataset(ms.dataset, "test"), torch.float64)
+    sample = x[image]
+    names = ReluNetwork(model, shape).layer_names
+    rows: list[dict[str, object]] = []
+    for relu in relus:
+        k = names.index(relu)
+        for extreme in EXTREMES:
+            shifted = extreme_bias_shift(model, sample, relu, extreme)
+            net = ReluNetwork(shifted.model, shape)
+            before, at, out = net.piece(sample, k - 1), net.piece(sample, k), net.piece(sample)
+            change = at.certify(at.sample(samples, generator=torch.Generator().manual_seed(0))).output_change
+            rows.append({"relu": relu, "extreme": extreme, "max_bias_shift": float(shifted.shift.abs().max()),
+                         "dim_before": before.dim, "dim_at": at.dim, "dim_output": out.dim,
+                         "max_output_change": float(change.max())})
+    return rows
+
+
 def _checksum(tm: object) -> str | None:
     """The checkpoint's SHA-256 from its sidecar, else of its file (a model trained just now)."""
     from harmless.cache import sha256_file
