@@ -615,9 +615,9 @@ def test_too_large_for_every_exact_method_says_so_and_names_corollary1() -> None
     from harmless.linalg.operators import ConvOperator
     from harmless.linalg.rank import analyze_rank
 
-    weight = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
-    # Stride 1 (m = 2 * 90 < n = 270): the sweep certificate cannot decide it (the last windows
-    # read no new pixel), so no structural method applies.
+    weight = torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    # Stride 1 and m = n = 270: the sweep certificate cannot decide it (the last windows read
+    # no new pixel), so no structural method applies.
     op = ConvOperator(weight, (3, 10, 9), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
     with pytest.raises(TooLargeError, match="no exact rank method") as exc:
         analyze_rank(op, method="structure", gram_limit=10)
