@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -78,6 +79,7 @@ def privatize_files_ray(space: HarmlessSubspace | Tiling, inputs: Sequence[str |
         started = _connect(ray, address, workers)
         try:
             size = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
+            size = min(size, -(-len(run.todo) // batch_size))  # no more actors than batches
             bar = tqdm(total=run.total_steps, desc=f"privatize ({size} Ray workers)", unit=run.unit,
                        disable=not progress or None)
             with _quiet(ray):
@@ -117,17 +119,21 @@ def _connect(ray: ModuleType, address: str | None, workers: int | None) -> bool:
 @contextmanager
 def _quiet(ray: ModuleType) -> Iterator[None]:
     """Ray Data without its own progress bars (ours counts images; its per-operator bars would
-    interleave with it) and its notes on starting and finishing; then as the caller had it."""
-    context = ray.data.DataContext.get_current()
-    logger = logging.getLogger("ray.data")
-    before = context.enable_progress_bars, context.print_on_execution_start, logger.level
-    context.enable_progress_bars = context.print_on_execution_start = False
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        context.enable_progress_bars, context.print_on_execution_start = before[:2]
-        logger.setLevel(before[2])
+    interleave with it), its notes on starting and finishing, and the deprecation warnings its
+    own settings raise (nothing a user of ``harmless`` can act on); then as the caller had it."""
+    with warnings.catch_warnings():
+        # raised where Ray makes its context, and attributed to its callers
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        context = ray.data.DataContext.get_current()
+        logger = logging.getLogger("ray.data")
+        before = context.enable_progress_bars, context.print_on_execution_start, logger.level
+        context.enable_progress_bars = context.print_on_execution_start = False
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            context.enable_progress_bars, context.print_on_execution_start = before[:2]
+            logger.setLevel(before[2])
 
 
 def _results(ray: ModuleType, run: PrivatizeRun, size: int, batch_size: int) -> Any:
