@@ -67,6 +67,15 @@ OUTPUT_RTOL = 1e-9
 _PARALLEL = 1e-12
 
 
+def _left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All left singular vectors of ``a`` ``(n, k)`` (a square ``(n, n)`` ``U``) and its singular
+    values. With ``k >= n`` the thin SVD already has a square ``U``; asking LAPACK for the full one
+    would also build the ``(k, k)`` right factor, which at a LeNet pool layer (k ~ 5,000) cost
+    ~10x the rest of the piece."""
+    a = np.ascontiguousarray(a)
+    u, s, _ = scipy.linalg.svd(a, full_matrices=a.shape[1] < a.shape[0])
+    return u, s
+
 @dataclass
 class _Step:
     name: str
@@ -356,7 +365,7 @@ class HarmlessPiece:
         threshold ``max(E.shape) * eps * sigma_max``)."""
         if self.E.shape[0] == 0:
             return np.eye(self.n), 0, 0.0, 0.0
-        u, s, _ = scipy.linalg.svd(np.ascontiguousarray(self.E.T), full_matrices=True)
+        u, s = _left_singular(self.E.T)
         tol = max(self.E.shape) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
         rank = int(np.sum(s > tol))
         return np.ascontiguousarray(u[:, rank:]), rank, float(s[0]) if s.size else 0.0, tol
@@ -417,7 +426,7 @@ class HarmlessPiece:
         if gi.shape[0] == 0 or null.shape[1] == 0:
             return null
         inner_rank = self.rank - rank_e
-        u, _, _ = scipy.linalg.svd(np.ascontiguousarray((gi @ null).T), full_matrices=True)
+        u, _ = _left_singular((gi @ null).T)
         return np.ascontiguousarray(null @ u[:, inner_rank:])
 
     @property
