@@ -19,6 +19,7 @@ from torch import nn
 
 from harmless import validation
 from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError, VerificationError
+from harmless.linalg.conv_projector import ConvProjector, build_conv_projector
 from harmless.linalg.operators import (
     DEFAULT_DENSE_LIMIT,
     ComposedOperator,
@@ -60,6 +61,10 @@ class HarmlessSubspace:
         self._dense_limit = dense_limit
         self._method = method
         self.last_solve: SolveInfo | None = None
+        #: How the last projection found the harmful part: ``injective``, ``tokenwise``, ``dense``
+        #: (row basis of the SVD), ``conv-woodbury`` (the fast convolutional-stem projector, see
+        #: :mod:`harmless.linalg.conv_projector`) or ``cgls``; ``None`` before the first.
+        self.project_method: str | None = None
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -192,6 +197,17 @@ class HarmlessSubspace:
         return factors[:i], v
 
     @cached_property
+    def conv_projector(self) -> ConvProjector | None:
+        """The fast exact projector for a 2-D convolutional stem with fewer outputs than inputs
+        (block-circulant FFT solve plus a Woodbury correction on the border, one dense LU of the
+        border's size per subspace), built on first matrix-free use; ``None`` where it does not
+        apply. Each of its projections is checked (harmful residual) and CGLS takes over when
+        the check fails."""
+        if self._method not in ("auto", "structure"):
+            return None
+        return build_conv_projector(self.operator)
+
+    @cached_property
     def _row_basis(self) -> torch.Tensor | None:
         """Orthonormal rows spanning the row space (dense path, when a nullspace exists)."""
         fact = self.factorization
@@ -212,9 +228,11 @@ class HarmlessSubspace:
     def _harmful(self, d: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection onto the row space of A (the harmful part), validated input."""
         if self._known_injective:
+            self.project_method = "injective"
             return d.clone()  # injective: every direction is harmful, no factorisation needed
         tokenwise = self._tokenwise
         if tokenwise is not None:
+            self.project_method = "tokenwise"
             pre, v = tokenwise
             z = d
             for f in pre:
@@ -225,11 +243,20 @@ class HarmlessSubspace:
             return z
         basis = self._row_basis
         if basis is not None:
+            self.project_method = "dense"
             flat = d.reshape(d.shape[0], -1)
             return ((flat @ basis.T) @ basis).reshape(d.shape)
         norms = d.reshape(d.shape[0], -1).norm(dim=1)
         scale = norms * self.operator_norm
+        fast = self.conv_projector
+        if fast is not None:
+            z, fast_info = fast.harmful(d, tol=self.rtol, scale=scale)
+            if fast_info.converged:  # checked against A itself; otherwise CGLS below
+                self.project_method = "conv-woodbury"
+                self.last_solve = SolveInfo(fast_info.iterations, fast_info.residual, True)
+                return z
         z, info = row_space_component(self.operator, d, tol=self.rtol, scale=scale)
+        self.project_method = "cgls"
         self.last_solve = info
         return z
 
