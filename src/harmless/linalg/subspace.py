@@ -3,7 +3,9 @@
 :func:`harmless_subspace` is the one public entry point: it validates the model, the input
 shape and the dtype once, finds the linear run, and returns a :class:`HarmlessSubspace`
 whose methods work matrix-free (CGLS with the operator and its adjoint) unless a dense
-factorisation was affordable, in which case they use its exact orthonormal bases.
+factorisation was affordable, in which case they use its exact orthonormal bases. A 2-D
+convolutional stem with fewer outputs than inputs gets the fast projector of
+:mod:`harmless.linalg.conv_projector` instead of CGLS (``project_method`` says which ran).
 """
 
 from __future__ import annotations
