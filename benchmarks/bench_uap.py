@@ -163,17 +163,27 @@ clip(x + v) differs from that under x (the UAP paper's definition; no labels).
 | method | settings | wall time (s) | speed-up (wall) | CPU time (s) | speed-up (CPU) | fooling, crafting \
 | fooling, held-out | ‖v‖∞ |
 |---|---|---:|---:|---:|---:|---:|---:|---:|
-""" + "\n".join(lines) + "\n" + _verdict(rows, model, xh) + """
+""" + "\n".join(lines) + "\n" + _verdict(rows, model, xh) + f"""
 
 Where this does not hold: one model, one ε, one seed; ART's time depends on its per-image DeepFool
 (its defaults: 100 iterations, overshoot 1e-6) and would change with other `attacker_params`; on
-another machine the seconds change, the ratios much less (all three ran interleaved in one
-process on the same cores). Our DeepFool UAP is the paper's algorithm exactly (batch_size 1:
+another machine the seconds change, the ratios less (all ran in one process, one after the other:
+ART first, then ours; {_load_note(rows)}). Our DeepFool UAP is the paper's algorithm exactly (batch_size 1:
 the fooled checks are batched, the updates sequential); its DeepFool uses overshoot 0.02 and at
 most 10 iterations, as the paper does, which is why it fools more than ART's at the same ε.
 """
     atomic_write_text(out, text)
     print(f"wrote {out}")
+
+
+def _load_note(rows: list) -> str:
+    """How much the shared machine's load differed between the runs (wall time / CPU time per row)."""
+    share = [r[2] / r[4] for r in rows if r[4] > 0]
+    text = f"wall time / CPU time per row {min(share):.1f}–{max(share):.1f}"
+    if max(share) > 1.5 * min(share):
+        text += (": the load changed during the run, so the wall-time ratios are distorted by it and the "
+                 "CPU-time ratios are the ones to compare")
+    return text
 
 
 def _verdict(rows: list, model: nn.Module, xh: torch.Tensor) -> str:
