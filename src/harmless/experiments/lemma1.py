@@ -22,7 +22,11 @@ import torch
 import harmless
 from harmless.nonlinear import ReluNetwork
 
-SPECS = ("mlp5:mnist", "mlp5:fashion-mnist")
+SPECS = ("mlp5:mnist", "mlp5:fashion-mnist", "lenet:mnist")
+#: Images per model (full run, quick run). LeNet's pieces cost ~100x MLP-5's (its equalities at the
+#: conv and pool layers are ~5,000 x 784, and ties in max-pool windows of zeros need an LP), about
+#: 30-60 s per image on 2 cores: 1,000 images would take ~10 h, so it is measured on a stated subset.
+IMAGES = {"mlp5:mnist": (1000, 100), "mlp5:fashion-mnist": (1000, 100), "lenet:mnist": (30, 3)}
 COMMAND = "harmless reproduce lemma1 --out results"
 
 
@@ -131,7 +135,7 @@ def _table(r: ModelResult) -> str:
         col = r.dims[:, j]
         # The paper's P^(l): the output of its (l+1)-th layer unchanged; the linear prefix up to
         # fc1 is its first layer, so fc1 is l = 0 and every later module adds one.
-        fc1 = r.layers.index("fc1") if "fc1" in r.layers else first
+        fc1 = _first_layer(r) if any(n in r.layers for n in ("conv1", "fc1")) else first
         paper = str(j - fc1) if j >= fc1 else "-"
         lines.append(f"| {paper} | {name} | {kind} | {col.mean():.1f} | {col.min()} | {col.max()} |")
     return "\n".join(lines) + "\n"
@@ -147,18 +151,38 @@ def _figure(results: list[ModelResult], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
-        fc1 = r.layers.index("fc1")
+        fc1 = _first_layer(r)
         xs = np.arange(len(r.layers) - fc1)
         col = r.dims[:, fc1:]
         line, = ax.plot(xs, col.mean(axis=0), marker="o", label=f"{r.spec} (mean over {len(r.dims)} images)")
         ax.fill_between(xs, col.min(axis=0), col.max(axis=0), color=line.get_color(), alpha=0.2)
         ax.set_xticks(xs, r.layers[fc1:], rotation=45)
     ax.axhline(results[0].n, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("layer L (its output unchanged); fc1 = the paper's l = 0")
+    ax.set_xlabel("layer L (its output unchanged); the first conv/fc layer = the paper's l = 0")
     ax.set_ylabel("dim of the exact convex piece of P")
     ax.set_title("Lemma 1: harmless input sets grow with depth (band: min-max over images)")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _first_layer(r: ModelResult) -> int:
+    """The paper's l = 0: the first conv or Linear layer (the linear prefix ends there)."""
+    return min(r.layers.index(n) for n in ("conv1", "fc1") if n in r.layers)
+
+
+def _extremes_section(rows: list[dict[str, object]]) -> str:
+    lines = ["\n## Theorem 2's extremes on the trained MLP-5 (MNIST, test image 0)\n",
+             "Made by `harmless.nonlinear.extreme_bias_shift(model, x, relu, extreme)` (margin 1): a float64 copy whose "
+             "bias before the chosen ReLU is shifted so that every pre-activation at x is >= 1 (all positive) or <= -1 "
+             "(all non-positive); the layers before it are untouched. Theorem 2 predicts: all positive, the set does "
+             "not grow at that ReLU (dim at the ReLU = dim before it); all non-positive, everything that keeps the "
+             "earlier pattern is harmless there.\n\n",
+             "| ReLU | extreme | largest bias shift | dim before the ReLU | dim at the ReLU | dim at the output | "
+             "largest output change of members |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['relu']} | {r['extreme']} | {float(r['max_bias_shift']):.2f} | {r['dim_before']} | "  # type: ignore[arg-type]
+                     f"{r['dim_at']} | {r['dim_output']} | {float(r['max_output_change']):.1e} |")  # type: ignore[arg-type]
+    return "".join(lines[:2]) + "\n".join(lines[2:]) + "\n"
 
 
 def _fmt(values: list[float]) -> str:
@@ -180,13 +204,13 @@ def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
     """Measure both models and write ``lemma1.md`` and ``lemma1.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images = 100 if quick else 1000
     start = time.perf_counter()
     with _one_blas_thread():
-        results = [measure(spec, images) for spec in SPECS]
+        results = [measure(spec, IMAGES[spec][1 if quick else 0]) for spec in SPECS]
+        extremes = measure_extremes("mlp5:mnist")
     png = _figure(results, out / "lemma1.png")
-    text = ["# Lemma 1: harmless input sets beyond the linear prefix (MLP-5)\n",
-            "For each test image x and each layer L of MLP-5, the **exact convex piece** of the harmless input "
+    text = ["# Lemma 1: harmless input sets beyond the linear prefix (MLP-5, LeNet)\n",
+            "For each test image x and each layer L of MLP-5 and LeNet (max pooling: the piece keeps each window's argmax), the **exact convex piece** of the harmless input "
             "set that contains δ = 0: the input perturbations that keep every ReLU's sign pattern before L and "
             "leave L's output unchanged (`harmless.nonlinear.ReluNetwork(model, shape).all_pieces(x)`). Its "
             "dimension is that of its affine hull, n − rank of the equality constraints (SciPy SVD, threshold "
@@ -202,6 +226,7 @@ def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
                     f"Measured in {r.seconds:.0f} s.\n\n")
         text.append(_table(r))
         text.append(f"\nAt the output (the last row), per image: {samples_line(r)}\n")
+    text.append(_extremes_section(extremes))
     text.append(f"\nFigure: `{png.name}` (mean dimension per layer, band min–max over images).\n")
     text.append(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} "
                 f"{platform.release()}; torch {torch.__version__}, Python {platform.python_version()}. "
