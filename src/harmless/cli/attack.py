@@ -187,21 +187,6 @@ def _check_outputs(files: _Files) -> None:
             raise InputError(f"{files.out / name} already exists; use --overwrite to replace it or another --out")
 
 
-def _png_bytes(img: torch.Tensor) -> bytes:
-    """An 8-bit PNG of a (C, H, W) image in [0, 1] (1 or 3 channels), rounded to nearest.
-    (A local copy: harmless.privacy.job's writer is private.)"""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    arr = np.round(img.detach().double().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
-    pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def cmd_attack(args: argparse.Namespace) -> int:
     import torch
 
@@ -347,6 +332,7 @@ def _write_outputs(files: _Files, report: dict[str, object], x: torch.Tensor, y:
     from safetensors.torch import save_file
 
     from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text
+    from harmless.data.formats import png_bytes
 
     assert files.out is not None
     _check_outputs(files)  # again: the folder may have changed while the model loaded
@@ -387,9 +373,9 @@ def _write_outputs(files: _Files, report: dict[str, object], x: torch.Tensor, y:
         meta = {"source": files.sources[i], "label": int(y[i]), "attack": str(report["attack"]),
                 "model": str(report["model"])}
         # the PNGs first: the exact file is the record of the image
-        atomic_write_bytes(out / f"{stem}.adv.png", _png_bytes(r.x_adv[i]))
+        atomic_write_bytes(out / f"{stem}.adv.png", png_bytes(r.x_adv[i]))
         if s is not None:
-            atomic_write_bytes(out / f"{stem}.small.png", _png_bytes(s.x_small[i]))
+            atomic_write_bytes(out / f"{stem}.small.png", png_bytes(s.x_small[i]))
         with atomic_path(out / f"{stem}.adv.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"harmless.attack": json.dumps(meta, sort_keys=True)})
         images.append(rec)

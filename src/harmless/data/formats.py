@@ -32,6 +32,7 @@ __all__ = [
     "load_image_folder",
     "load_svhn_mat",
     "parse_idx",
+    "png_bytes",
     "read_idx_file",
     "read_image",
     "safe_load_pickle",
@@ -351,6 +352,16 @@ def read_image(path: str | os.PathLike[str], mode: str | None = None) -> np.ndar
     except _IMAGE_ERRORS as exc:
         raise InputError(f"{path}: cannot read image ({exc})") from exc
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def png_bytes(img: torch.Tensor) -> bytes:
+    """An 8-bit PNG of a ``(C, H, W)`` image in [0, 1] (C = 1 or 3), each value rounded to the
+    nearest of k/255 (in float64, so a float32 k/255 comes back as k)."""
+    arr = np.round(img.detach().double().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
+    pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def load_image_folder(

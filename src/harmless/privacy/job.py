@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -41,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from harmless import validation
 from harmless.cache import atomic_path, atomic_write_bytes, atomic_write_text, require_folder_path
+from harmless.data.formats import png_bytes
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import save_figure, show_image
@@ -165,14 +164,6 @@ def _describe_mode(path: Path, channels: int) -> str:
     if mode in ("L", "RGB"):
         return f"{_MODE_WORDS[mode]} image ({read_as})"
     return f"{_MODE_WORDS.get(mode, f'a {mode}')} image (converted to {read_as})"
-
-
-def _png_bytes(img: torch.Tensor) -> bytes:
-    arr = np.round(img.detach().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
-    pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _outputs(src: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -508,7 +499,7 @@ def _write_outputs(src: Path, out_dir: Path, solved: _Solved, i: int, label: str
     PNG first: the exact file (with the method and metrics) marks the image as done."""
     exact, png = _outputs(src, out_dir)
     metrics = solved.metrics[i]
-    atomic_write_bytes(png, _png_bytes(solved.x_8bit[i]))
+    atomic_write_bytes(png, png_bytes(solved.x_8bit[i]))
     with atomic_path(exact) as tmp:
         save_file({"x_hat": solved.x_hat[i].contiguous(), "x_hat_8bit": solved.x_8bit[i].contiguous()},
                   str(tmp), metadata={_META_KEY: json.dumps({"source": src.name, "method": label,
