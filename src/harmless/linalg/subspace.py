@@ -96,7 +96,8 @@ class HarmlessSubspace:
 
     @property
     def dim_method(self) -> str:
-        """``dense-svd``, ``gram-cholesky``, ``gram-eigh`` or ``structure`` (see :mod:`harmless.linalg.rank`)."""
+        """``dense-svd``, ``gram-cholesky``, ``gram-eigh``, ``structure`` or ``sweep-certificate``
+        (see :mod:`harmless.linalg.rank` and :mod:`harmless.linalg.conv_certificate`)."""
         return self.rank_info.method
 
     @property
@@ -410,8 +411,9 @@ def harmless_subspace(model: nn.Module | TorchLinearOperator, input_shape: Seque
 
     ``dim`` is ``n - rank`` where the rank comes from a dense SVD when the matrix has at
     most ``dense_limit`` entries, and otherwise from the layer's structure (bijective factors
-    dropped, disjoint conv windows decomposed block by block, or Corollary 1 certified by
-    Lanczos); ``dim_method`` says which. ``project``/``decompose``/``sample``/``contains``
+    dropped, disjoint conv windows decomposed block by block, a Cholesky certificate of full
+    rank on the smaller Gram matrix, or the sweep certificate of a large zero-padded
+    convolution); ``dim_method`` says which. ``project``/``decompose``/``sample``/``contains``
     never need the dense matrix.
 
     ``rtol`` is the relative harmful residual the matrix-free projection must reach
