@@ -394,3 +394,27 @@ def test_norm_setting_and_certificates():
         _ = s_inf.distance_bound  # an LP's optimum need not be unique
     s2 = SmallestEquivalent()(model, space, r, x)
     assert torch.equal(s2.optimality_bound, s2.distance_bound) and s2.norm == 2
+
+
+def test_linf_polish_puts_the_active_set_on_the_box_and_keeps_the_equalities() -> None:
+    """_polish: pixels within atol of a bound land exactly on it, and the equalities hold to
+    round-off afterwards (so the repair needs no shrink, which on a patchify CNN had cost an
+    L∞ gap of 3e-2)."""
+    from harmless.attacks.smallest import _polish
+
+    gen = np.random.default_rng(0)
+    n, r = 40, 12
+    row = np.linalg.qr(gen.standard_normal((n, r)))[0].T  # orthonormal rows
+    x_adv = gen.uniform(0.3, 0.7, n)
+    x_adv[:10] = 0.0  # pixels on the box, as MNIST's black ones
+    # a harmless step that keeps those pixels at 0 (an LP optimum with them active)
+    free_null = scipy.linalg.null_space(row[:, 10:])
+    h = np.zeros(n)
+    h[10:] = free_null @ gen.standard_normal(free_null.shape[1])
+    z = x_adv + 0.2 * h / np.abs(h).max()
+    z[:10] = gen.uniform(-1e-9, 1e-9, 10)  # a solver's point: off the box by its tolerance
+    z[10:] += 1e-10 * gen.standard_normal(n - 10)
+    out = _polish(row, x_adv, z, 0.0, 1.0)
+    assert np.all(out[:10][np.abs(z[:10]) <= 1e-7] == 0.0)
+    assert np.abs(row @ (out - x_adv)).max() < 1e-14
+    assert out.min() >= 0.0 and out.max() <= 1.0
