@@ -131,6 +131,7 @@ def _stem_model(dtype: torch.dtype = torch.float64) -> nn.Module:
 
 def test_subspace_uses_fast_path_and_matches_oracle():
     space = harmless.harmless_subspace(_stem_model(), (3, 24, 24), dense_limit=1)
+    space.fast_projector_after = 0  # the fast path from the first projection
     delta = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     before = delta.clone()
     p = space.project(delta)
@@ -150,6 +151,7 @@ def test_subspace_uses_fast_path_and_matches_oracle():
 
 def test_float32_path():
     space = harmless.harmless_subspace(_stem_model(torch.float32), (3, 24, 24), dtype=torch.float32, dense_limit=1)
+    space.fast_projector_after = 0
     delta = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(6))
     p = space.project(delta)
     assert p.dtype == torch.float32 and space.project_method == "conv-woodbury"
@@ -164,8 +166,23 @@ def test_falls_back_to_cgls_when_the_check_fails():
             return torch.zeros_like(d), ProjectorInfo(1, 3, 1.0, False)
 
     space.__dict__["conv_projector"] = Failing()
+    space.fast_projector_after = 0
     delta = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     p = space.project(delta)
     assert space.project_method == "cgls"
     want, _ = _oracle(space.operator, delta)
     assert np.abs(p.reshape(2, -1).numpy() - want).max() <= 1e-9 * float(delta.norm())
+
+
+def test_fast_projector_is_built_only_after_cgls_has_spent_its_cost():
+    """Ski rental: the first projections use CGLS; once CGLS has spent fast_projector_after
+    passes, the fast projector takes over (and gives the same projection)."""
+    space = harmless.harmless_subspace(_stem_model(), (3, 24, 24), dense_limit=1)
+    delta = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    space.fast_projector_after = 10**9
+    p_cgls = space.project(delta)
+    assert space.project_method == "cgls" and "conv_projector" not in space.__dict__
+    space.fast_projector_after = 1  # CGLS has now spent more than that
+    p_fast = space.project(delta)
+    assert space.project_method == "conv-woodbury"
+    assert float((p_fast - p_cgls).abs().max()) <= 1e-9 * float(delta.norm())

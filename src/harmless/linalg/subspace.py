@@ -39,6 +39,11 @@ from harmless.linalg.rank import (
 )
 from harmless.linalg.solvers import SolveInfo, row_space_component
 
+#: CGLS operator passes (one image through A or A^T), summed over a subspace's projections, after
+#: which it builds its fast convolutional-stem projector (about what that set-up costs at 224 px,
+#: where CGLS takes ~1,000 passes per image: see ``HarmlessSubspace._harmful``).
+FAST_PROJECTOR_AFTER_PASSES = 3000
+
 _DEFAULT_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 
 
@@ -67,6 +72,10 @@ class HarmlessSubspace:
         #: (row basis of the SVD), ``conv-woodbury`` (the fast convolutional-stem projector, see
         #: :mod:`harmless.linalg.conv_projector`) or ``cgls``; ``None`` before the first.
         self.project_method: str | None = None
+        #: CGLS operator passes (summed over calls) after which the fast convolutional-stem
+        #: projector is built; 0 builds it on the first matrix-free projection.
+        self.fast_projector_after = FAST_PROJECTOR_AFTER_PASSES
+        self._cgls_passes = 0
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -251,7 +260,11 @@ class HarmlessSubspace:
             return ((flat @ basis.T) @ basis).reshape(d.shape)
         norms = d.reshape(d.shape[0], -1).norm(dim=1)
         scale = norms * self.operator_norm
-        fast = self.conv_projector
+        # Ski rental: the fast projector's one-off set-up (a dense LU of the border, 30-130 s at
+        # 224 px on 2 busy cores) costs about as much as CGLS on a few images there, so it is
+        # built only once CGLS has spent that much on this subspace: whoever projects once never
+        # pays it, a dataset pays at most about twice the best choice in hindsight.
+        fast = self.conv_projector if self._cgls_passes >= self.fast_projector_after else None
         if fast is not None:
             z, fast_info = fast.harmful(d, tol=self.rtol, scale=scale)
             if fast_info.converged:  # checked against A itself; otherwise CGLS below
@@ -261,6 +274,7 @@ class HarmlessSubspace:
         z, info = row_space_component(self.operator, d, tol=self.rtol, scale=scale)
         self.project_method = "cgls"
         self.last_solve = info
+        self._cgls_passes += 2 * info.iterations * d.shape[0]  # one pass: one image through A or A^T
         return z
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
