@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harmless.cli.common import add_no_train, resolve_model
+from harmless.cli.common import add_no_train, integer_arg, resolve_model
 from harmless.errors import InputError
 
 if TYPE_CHECKING:  # torch and the attacks are imported when a command runs, not at start-up
@@ -54,22 +54,12 @@ def _attack_from_args(args: argparse.Namespace):
             raise InputError(f"{flag} must be a number, got {text!r}") from None
         return validation.positive_number(value, flag)
 
-    def integer(text: str, flag: str, least: int = 1) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < least:
-            kind = "a positive integer" if least == 1 else "an integer >= 0"
-            raise InputError(f"{flag} must be {kind}, got {text!r}")
-        return value
-
     if args.n is not None:
         if args.images:
             raise InputError("--n applies to the test-set form (no IMAGES); with IMAGES every image is attacked")
-        args.n = integer(args.n, "--n")
-    args.seed = integer(args.seed, "--seed", least=0)
-    steps = None if args.steps is None else integer(args.steps, "--steps")
+        args.n = integer_arg(args.n, "--n")
+    args.seed = integer_arg(args.seed, "--seed", least=0)
+    steps = None if args.steps is None else integer_arg(args.steps, "--steps")
     if name == "deepfool":
         return DeepFool() if steps is None else DeepFool(steps=steps)
     if name == "cw":

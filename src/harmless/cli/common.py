@@ -55,3 +55,16 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 def add_no_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-train", action="store_true",
                         help="refuse (exit 2) instead of training a zoo model that is not in the cache")
+
+
+def integer_arg(text: object, flag: str, least: int = 1) -> int:
+    """A command-line integer ``>= least`` (1: positive, 0: non-negative); anything else is one
+    line naming the flag (an InputError), not an argparse usage block."""
+    try:
+        value: int | None = int(str(text))
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise InputError(f"{flag} must be {kind}, got {text!r}")
+    return value

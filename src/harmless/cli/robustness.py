@@ -10,22 +10,11 @@ import json
 import math
 from pathlib import Path
 
-from harmless.cli.common import add_no_train, resolve_model
+from harmless.cli.common import add_no_train, integer_arg, resolve_model
 from harmless.errors import InputError
 
 #: The default grids: five radii each, so that MLP-5 on MNIST takes minutes on 2 cores.
 DEFAULT_EPS: dict[str, tuple[float, ...]] = {"inf": (0.05, 0.1, 0.15, 0.2, 0.3), "2": (0.5, 1.0, 2.0, 3.0, 4.0)}
-
-
-def _integer(text: object, flag: str, least: int = 1) -> int:
-    try:
-        value = int(str(text))
-    except ValueError:
-        value = None
-    if value is None or value < least:
-        kind = "a positive integer" if least == 1 else "an integer >= 0"
-        raise InputError(f"{flag} must be {kind}, got {text!r}")
-    return value
 
 
 def _grid(values: list[str] | None, norm: str) -> tuple[float, ...]:
@@ -55,7 +44,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, tuple[float, ...], int, 
     grid = _grid(args.eps, norm)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder")
-    return norm, grid, _integer(args.n, "--n"), _integer(args.craft, "--craft"), _integer(args.seed, "--seed", 0)
+    n, craft = integer_arg(args.n, "--n"), integer_arg(args.craft, "--craft")
+    return norm, grid, n, craft, integer_arg(args.seed, "--seed", 0)
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
