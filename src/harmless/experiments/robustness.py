@@ -66,9 +66,10 @@ QUICK_GRIDS: dict[str | int, tuple[float, ...]] = {"inf": (0.05, 0.1, 0.2, 0.3),
 FREE = (-1e3, 1e3)
 #: Further models, measured over the L∞ grid only (time): the PGD-adversarially-trained MLP-5
 #: (used only when its checkpoint is cached: adversarial training is not started from here),
-#: MLP-5 on Fashion-MNIST, LeNet on MNIST.
+#: MLP-5 on Fashion-MNIST, LeNet and the patchify CNN on MNIST and Fashion-MNIST.
 ADV_SPEC = "mlp5:mnist,adv_eps=0.1"
-OTHER_SPECS = (ADV_SPEC, "mlp5:fashion-mnist", "lenet:mnist")
+OTHER_SPECS = (ADV_SPEC, "mlp5:fashion-mnist", "lenet:mnist", "lenet:fashion-mnist", "patchcnn:mnist",
+               "patchcnn:fashion-mnist")
 
 
 def _log(msg: str) -> None:
