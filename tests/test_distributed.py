@@ -22,7 +22,8 @@ from torch import nn
 
 from harmless.errors import InputError
 from harmless.linalg.subspace import harmless_subspace
-from harmless.privacy.job import PrivatizeRun, load_privatized, one_torch_thread, privatize_files, read_image
+from harmless.privacy.job import PrivatizeRun, load_privatized, privatize_files, read_image
+from harmless.threads import one_torch_thread
 
 SHAPE = (1, 8, 8)
 

@@ -53,10 +53,10 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
     from harmless.data import as_tensors, load_dataset
     from harmless.errors import NoHarmlessSubspaceError, TooLargeError
-    from harmless.experiments.common import one_torch_thread
     from harmless.experiments.robustness import TAU, Settings, category, critical_radius, measure_norm
     from harmless.linalg.subspace import harmless_subspace
     from harmless.models import DATASETS, is_zoo_spec, parse_spec
+    from harmless.threads import one_torch_thread
 
     norm_text, grid, n, craft, seed = _check_args(args)
     norm: str | int = "inf" if norm_text == "inf" else 2

@@ -3,11 +3,10 @@ output RMSE, accuracy, markdown tables, figure saving (atomic)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import platform
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,13 +107,3 @@ def fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the body on one torch thread, restoring the count after: the experiments' matrices
-    are small, one thread is about as fast, and it leaves the second core to the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -52,7 +52,8 @@ from harmless.attacks import (
     equivalent_check,
     harmless_fraction,
 )
-from harmless.experiments.common import Table, one_torch_thread, provenance, save_figure, save_text
+from harmless.experiments.common import Table, provenance, save_figure, save_text
+from harmless.threads import one_torch_thread
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist", "patchcnn:mnist", "patchcnn:fashion-mnist")
 #: Images per model (full run / --quick), and how many of them C&W attacks.

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmless.experiments.common import Table, accuracy, one_torch_thread, provenance, save_figure, save_text
+from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
 from harmless.fingerprint import (
     DEFAULT_MAGNITUDE_RATIO,
     Fingerprint,
     create_fingerprint,
     verify_fingerprint,
 )
+from harmless.threads import one_torch_thread
 
 SHAPE = (1, 28, 28)
 

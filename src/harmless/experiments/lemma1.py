@@ -8,7 +8,6 @@ Run it with ``harmless reproduce lemma1 --out results`` (or ``run('results')`` f
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
@@ -21,6 +20,7 @@ import torch
 
 import harmless
 from harmless.nonlinear import ReluNetwork
+from harmless.threads import one_blas_thread
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist", "lenet:mnist")
 #: Images per model (full run, quick run). LeNet's pieces cost ~100x MLP-5's (its equalities at the
@@ -190,22 +190,12 @@ def _fmt(values: list[float]) -> str:
     return f"median {np.median(a):.3g}, min {a.min():.3g}, max {a.max():.3g}"
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """One BLAS thread while measuring: the matrices are small (at most 1,024 x 784) and on a
-    busy machine extra BLAS threads make each SVD up to 100 times slower, not faster."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a dependency of harmless; without it the run is only slower
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
     """Measure both models and write ``lemma1.md`` and ``lemma1.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with _one_blas_thread():
+    with one_blas_thread():
         results = [measure(spec, IMAGES[spec][1 if quick else 0]) for spec in SPECS]
         extremes = measure_extremes("mlp5:mnist")
     png = _figure(results, out / "lemma1.png")

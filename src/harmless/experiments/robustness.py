@@ -51,8 +51,9 @@ from harmless import validation
 from harmless.attacks import PGD, DeepFool, SGDUniversal, UniversalPerturbation, UniversalResult, harmless_fraction
 from harmless.attacks.base import check_images, check_norm
 from harmless.errors import InputError
-from harmless.experiments.common import Table, one_torch_thread, provenance, save_figure, save_text
+from harmless.experiments.common import Table, provenance, save_figure, save_text
 from harmless.linalg.prefix import eval_mode
+from harmless.threads import one_torch_thread
 
 SPEC = "mlp5:mnist"
 #: The category threshold: "almost every" / "most" read as a majority.

@@ -41,7 +41,6 @@ one-tap-per-pixel structure of the blocks.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections import Counter
@@ -52,6 +51,7 @@ import scipy.linalg
 import torch
 
 from harmless.linalg.operators import ConvOperator
+from harmless.threads import one_blas_thread
 
 #: Largest diagonal block (entries) that is decomposed; larger ones make a scan order fail.
 DEFAULT_MAX_BLOCK_ENTRIES = 4_194_304
@@ -154,16 +154,6 @@ def _diagonal_block(weight: np.ndarray, taps: list[np.ndarray]) -> np.ndarray:
     return sub.reshape(rows, -1)
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """One BLAS thread for the small SVDs: on a busy machine extra OpenBLAS threads made a
-    256 x 243 SVD 0.2 s instead of 5 ms (and the 8x8/s4 stem at 224 px 12 s instead of 0.08 s)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a dependency of harmless; without it the sweep is only slower
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def sweep_certificate(op: ConvOperator, *, max_block: int = 4, max_block_entries: int = DEFAULT_MAX_BLOCK_ENTRIES,
                       max_flops: float = DEFAULT_MAX_FLOPS) -> SweepCertificate:
     """The exact rank of a zero-padded convolution from a sweep over its windows, or the
@@ -173,7 +163,7 @@ def sweep_certificate(op: ConvOperator, *, max_block: int = 4, max_block_entries
     cheapest first; a sweep whose block shapes cannot reach the rank bound is skipped
     without any SVD, and distinct diagonal blocks are decided once across sweeps.
     """
-    with _one_blas_thread():
+    with one_blas_thread():
         return _sweep(op, max_block=max_block, max_block_entries=max_block_entries, max_flops=max_flops)
 
 

@@ -41,8 +41,9 @@ import torch
 from harmless import validation
 from harmless.errors import HarmlessError, InputError
 from harmless.linalg.subspace import HarmlessSubspace
-from harmless.privacy.job import ImageRecord, PrivatizeRun, Shown, one_torch_thread
+from harmless.privacy.job import ImageRecord, PrivatizeRun, Shown
 from harmless.privacy.tiles import Tiling
+from harmless.threads import one_torch_thread
 
 __all__ = ["privatize_files_ray", "import_ray"]
 

@@ -26,8 +26,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +46,7 @@ from harmless.privacy.audit import TVAttack
 from harmless.privacy.core import DecoyPrivatizer, PaperPrivatizer, PrivatizeResult, Quantizer, make_decoy
 from harmless.privacy.problem import PrivacyProblem, ProblemCache
 from harmless.privacy.tiles import Tiling, per_image_norms
+from harmless.threads import one_torch_thread
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -196,18 +196,6 @@ def privatize_files(space: HarmlessSubspace | Tiling, inputs: Sequence[str | Pat
             shown += rows
     bar.close()
     return run.finish(records, shown)
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the block on one torch thread (then restore the count): the bits of a solve depend
-    on the thread count, and one thread per process is what makes every engine agree."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def image_generator(seed: int, name: str) -> torch.Generator:
