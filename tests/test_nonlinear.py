@@ -523,3 +523,28 @@ def test_theorem2_extremes_on_mlp5():
         assert rows[relu, "positive"]["dim_before"] == rows[relu, "positive"]["dim_at"] == before
         assert rows[relu, "non-positive"]["dim_at"] == rows[relu, "non-positive"]["dim_output"] == 784
     assert max(float(r["max_output_change"]) for r in rows.values()) < 1e-12
+
+
+def test_samples_enter_a_piece_whose_boundary_holds_zero() -> None:
+    """A constant image (MNIST's background) gives every window of a conv the same positive
+    value, so each max-pool window ties: 0 lies on the piece's boundary and a random hull
+    direction leaves it at once (LeNet's samples were all 0 before). sample() must return
+    non-zero members (tilted into the piece), each certified by evaluating the network, and the
+    extent along them must be positive."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.fill_(1.0)  # a zero image: every pre-activation 1 (ReLU active), all tied
+    model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    piece = harmless.harmless_set(model, x)[0]
+    assert piece.dim > 0
+    delta = piece.sample(16, generator=torch.Generator().manual_seed(2))
+    norms = delta.reshape(16, -1).norm(dim=1)
+    assert bool((norms > 0).all())
+    cert = piece.certify(delta)
+    assert bool(cert.contains.all()) and bool(cert.output_unchanged.all())
+    with torch.no_grad():
+        change = (model(x + delta) - model(x)).abs().max()
+    assert float(change) <= 1e-12
+    assert piece.extent(delta[0] / norms[0]) > 0

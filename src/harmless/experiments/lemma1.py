@@ -76,8 +76,11 @@ def measure(spec: str, images: int, *, samples: int = 4, seed: int = 0) -> Model
         harmful = delta - h0.project(delta)
         result.outside_h0.extend((harmful.reshape(samples, -1).norm(dim=1)
                                   / delta.reshape(samples, -1).norm(dim=1)).tolist())
-        d = out.basis()
-        direction = (torch.randn(d.shape[0], generator=gen, dtype=torch.float64) @ d.reshape(d.shape[0], -1))
+        # Along the first sample's direction: a random hull direction tilted into the piece (where 0
+        # is on its boundary, e.g. LeNet's max-pool ties among zeros, an untilted one leaves at once).
+        direction = delta[0].reshape(-1).double()
+        if not bool(direction.any()):  # a dimension-0 piece: nothing to measure
+            direction = torch.randn(direction.numel(), generator=gen, dtype=torch.float64)
         direction = direction / direction.norm()
         t = out.extent(direction.reshape(shape))
         result.extents.append(t / float(sample.norm()))
@@ -234,5 +237,5 @@ def samples_line(r: ModelResult) -> str:
     return (f"{k} sampled δ (random directions in the piece's affine hull, a uniform fraction of the way to its "
             f"boundary): largest relative change of the float64 logits {max(r.output_change):.2e}; their part "
             f"outside H^(0), ‖δ − P₀δ‖/‖δ‖: {_fmt(r.outside_h0)}. Extent (largest step inside the piece along one "
-            f"random hull direction, HiGHS LP), as a multiple of ‖x‖: {_fmt([e for e in r.extents if math.isfinite(e)])}"
+            f"random direction into the piece: the first sampled δ's, HiGHS LP), as a multiple of ‖x‖: {_fmt([e for e in r.extents if math.isfinite(e)])}"
             f" ({sum(not math.isfinite(e) for e in r.extents)} unbounded); H^(0) itself is unbounded.")

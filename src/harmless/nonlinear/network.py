@@ -373,11 +373,20 @@ class HarmlessPiece:
     @cached_property
     def implicit_equalities(self) -> np.ndarray:
         """Indices of inequality rows that hold with equality on the whole piece."""
+        return self._tangent[0]
+
+    @cached_property
+    def _tangent(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(implicit, inward)``: the implicit equalities, and a direction ``d`` of the affine
+        hull with ``G_i d < 0`` on every other row tight at 0 (``None`` when no row is tight:
+        then 0 is in the piece's relative interior). Where 0 lies on the piece's boundary (ties
+        in a max-pool window of zeros, LeNet's background), a random hull direction leaves the
+        piece at once; ``sample`` steers into it along ``inward``."""
         import scipy.optimize  # here, not at import time: `import harmless` should not pay for it
 
         tight = np.flatnonzero(self.h <= 0)
         if tight.size == 0:
-            return tight
+            return tight, None
         null = self._equality_null[0]
         gt = self.G[tight]
         gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
@@ -386,7 +395,7 @@ class HarmlessPiece:
         gy = gt @ null
         free = np.linalg.norm(gy, axis=1) > _PARALLEL * max(1, null.shape[1]) ** 0.5
         if not np.any(free):
-            return tight
+            return tight, None
         gy = gy[free]
         t, k = gy.shape
         # max sum(s) s.t. G_T N y + s <= 0, 0 <= s <= 1: any row that can be made strict gets
@@ -397,7 +406,12 @@ class HarmlessPiece:
             raise VerificationError(f"the implicit-equality LP failed: {res.message}")
         strict = np.zeros(tight.size, dtype=bool)
         strict[np.flatnonzero(free)[res.x[k:] >= 0.5]] = True
-        return tight[~strict]
+        # The LP's y makes every strict row <= -1 and keeps the implicit ones at 0 (they cannot be
+        # strict anywhere): N y points into the piece. Unbounded coordinates come back large; only
+        # the direction matters.
+        inward = null @ res.x[:k]
+        norm = float(np.linalg.norm(inward))
+        return tight[~strict], (inward / norm if norm > 0 and strict.any() else None)
 
     @cached_property
     def _hull(self) -> tuple[np.ndarray, np.ndarray, int, float]:
@@ -540,9 +554,10 @@ class HarmlessPiece:
         return float(res.x[0])
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, scale: float | None = None) -> torch.Tensor:
-        """``n`` members: a random unit direction ``d`` in the affine hull, times ``u * t_max(d)``
-        with ``u ~ U(0, 1)`` and ``t_max`` the largest step that stays in the piece (the ratio
-        test on ``G d``); along directions where the piece is unbounded, ``scale * |N(0, 1)|``
+        """``n`` members: a random unit direction ``d`` in the affine hull (tilted into the piece
+        where 0 lies on its boundary, see ``_tangent``), times ``u * t_max(d)`` with
+        ``u ~ U(0, 1)`` and ``t_max`` the largest step that stays in the piece (the ratio test on
+        ``G d``); along directions where the piece is unbounded, ``scale * |N(0, 1)|``
         (default ``scale``: ``||x||``, or 1 for ``x = 0``). Returned in the sample's dtype."""
         check_count(n)
         if scale is None:
@@ -556,6 +571,20 @@ class HarmlessPiece:
         coef = torch.randn(n, basis.shape[1], generator=gen, dtype=torch.float64).numpy()
         d = coef @ basis.T
         d /= np.linalg.norm(d, axis=1, keepdims=True)
+        inward = self._tangent[1]
+        if inward is not None:
+            # 0 on the boundary: d <- inward + eps * d, eps per sample half the largest that keeps
+            # every strict tight row (G_i inward < 0) non-increasing, so the step enters the piece.
+            implicit = np.zeros(self.G.shape[0], dtype=bool)
+            implicit[self.implicit_equalities] = True
+            rows = (self.h <= 0) & ~implicit
+            g_in = self.G[rows] @ inward  # < 0
+            g_d = d @ self.G[rows].T
+            with np.errstate(divide="ignore", invalid="ignore"):
+                room = np.where(g_d > 0, -g_in[None, :] / g_d, np.inf).min(axis=1)
+            eps = 0.5 * np.minimum(room, 1.0)
+            d = inward[None, :] + eps[:, None] * d
+            d /= np.linalg.norm(d, axis=1, keepdims=True)
         gd = d @ self.G.T  # (n, q)
         # As in extent(): |G_i d| at round-off level means d lies in that row's hyperplane.
         stops = gd > _PARALLEL * np.linalg.norm(self.G, axis=1)[None, :]
