@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_error_line, run
+from cli_helpers import factory_and_folder, one_error_line, run
 from safetensors.torch import load_file
 
 from harmless.cli import EXIT_USER_ERROR, main
@@ -33,21 +33,8 @@ FACTORY = (
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[str]]:
-    """A factory module and a folder data set of 3 classes x 4 grayscale 8x8 PNGs; returns the
-    module's name and the common arguments."""
-    from PIL import Image
-
-    name = f"atkmodels_{abs(hash(str(tmp_path))) % 10**8}"  # a fresh module per test
-    (tmp_path / f"{name}.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            img = (rng.random((8, 8)) * 255).astype(np.uint8)
-            img[:2] = 0  # background pixels on the box, as in MNIST
-            Image.fromarray(img, mode="L").save(tmp_path / "data" / f"class{c}" / f"img{i}.png")
-    return name, ["--input-shape", "1,8,8", "--data", "folder", "--data-dir", str(tmp_path / "data")]
+    """A factory module and a folder data set of 3 classes x 4 grayscale 8x8 PNGs."""
+    return factory_and_folder(tmp_path, monkeypatch, FACTORY, "atkmodels", background=True)
 
 
 @pytest.mark.integration

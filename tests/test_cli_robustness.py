@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cli_helpers import one_error_line, run
+from cli_helpers import factory_and_folder, one_error_line, run
 
 from harmless.cli import EXIT_USER_ERROR
 from harmless.experiments.robustness import TAU, category
@@ -28,19 +27,8 @@ FACTORY = (
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[str]]:
-    """A factory module and a folder data set of 3 classes x 4 grayscale 8x8 PNGs (12 images)."""
-    from PIL import Image
-
-    name = f"robmodels_{abs(hash(str(tmp_path))) % 10**8}"
-    (tmp_path / f"{name}.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            img = (rng.random((8, 8)) * 255).astype(np.uint8)
-            Image.fromarray(img, mode="L").save(tmp_path / "data" / f"class{c}" / f"img{i}.png")
-    return name, ["--input-shape", "1,8,8", "--data", "folder", "--data-dir", str(tmp_path / "data")]
+    """A factory module and a folder data set of 3 classes x 4 grayscale 8x8 PNGs."""
+    return factory_and_folder(tmp_path, monkeypatch, FACTORY, "robmodels")
 
 
 @pytest.mark.integration
