@@ -24,8 +24,8 @@ from harmless.threads import one_blas_thread
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist", "lenet:mnist")
 #: Images per model (full run, quick run). LeNet's pieces cost ~100x MLP-5's (its equalities at the
-#: conv and pool layers are ~5,000 x 784, and ties in max-pool windows of zeros need an LP), about
-#: 30-60 s per image on 2 cores: 1,000 images would take ~10 h, so it is measured on a stated subset.
+#: conv and pool layers are ~5,000 x 784, and tied max-pool windows need an LP), about 21 s per
+#: image on 2 cores (results/lemma1.md): 1,000 images would take ~6 h, so it is measured on a stated subset.
 IMAGES = {"mlp5:mnist": (1000, 100), "mlp5:fashion-mnist": (1000, 100), "lenet:mnist": (30, 3)}
 COMMAND = "harmless reproduce lemma1 --out results"
 
