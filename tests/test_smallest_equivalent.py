@@ -72,16 +72,20 @@ def _stem_matrix(model: nn.Module, shape: tuple[int, ...]) -> np.ndarray:
     return cols.reshape(n, -1).T.numpy()
 
 
+def _attacked(m: int, attack: str, seed: int):
+    """A 30 -> m linear model, its subspace, 6 images and an attack's result on them."""
+    model = _linear_model(n=30, m=m)
+    space = harmless.harmless_subspace(model, (30,))
+    x = _images((30,), 6, seed=seed)
+    atk = {"pgd2": PGD(eps=1.0, steps=10, norm=2, random_start=False), "fgsm": FGSM(0.2),
+           "deepfool": DeepFool()}[attack]
+    return model, space, x, atk(model, x, _labels(model, x))
+
+
 @pytest.mark.parametrize(("m", "attack"), [(10, "pgd2"), (22, "pgd2"), (10, "fgsm"), (22, "deepfool")])
 def test_matches_clarabel_on_small_problems(m, attack):
     # m=10: rank < dim, m=22: rank > dim (the solver's two kinds of linear systems)
-    model = _linear_model(n=30, m=m)
-    space = harmless.harmless_subspace(model, (30,))
-    x = _images((30,), 6, seed=1)
-    y = _labels(model, x)
-    atk = {"pgd2": PGD(eps=1.0, steps=10, norm=2, random_start=False), "fgsm": FGSM(0.2),
-           "deepfool": DeepFool()}[attack]
-    r = atk(model, x, y)
+    model, space, x, r = _attacked(m, attack, seed=1)
     s = SmallestEquivalent()(model, space, r, x)
     assert isinstance(s, SmallestEquivalentResult)
     a = model[0].weight.detach().numpy()
@@ -302,13 +306,7 @@ def _check_linf(s: SmallestEquivalentResult, a: np.ndarray, x_adv: torch.Tensor,
 
 @pytest.mark.parametrize(("m", "attack"), [(10, "pgd2"), (22, "pgd2"), (10, "fgsm"), (22, "deepfool")])
 def test_linf_matches_a_dense_lp(m, attack):
-    model = _linear_model(n=30, m=m)
-    space = harmless.harmless_subspace(model, (30,))
-    x = _images((30,), 6, seed=21)
-    y = _labels(model, x)
-    atk = {"pgd2": PGD(eps=1.0, steps=10, norm=2, random_start=False), "fgsm": FGSM(0.2),
-           "deepfool": DeepFool()}[attack]
-    r = atk(model, x, y)
+    model, space, x, r = _attacked(m, attack, seed=21)
     s = SmallestEquivalent(norm="inf")(model, space, r, x)
     _check_linf(s, model[0].weight.detach().numpy(), r.x_adv, x)
     assert torch.equal(s.success_small, r.success)
