@@ -10,6 +10,16 @@ import pytest
 
 from harmless.cli import main
 
+#: The source of a factory module with ``wide()``: 64 inputs -> 16, a 48-dim harmless subspace
+#: (tests add their own factories after it).
+WIDE_FACTORY = (
+    "import torch\n"
+    "from torch import nn\n"
+    "def wide():\n"  # 64 inputs -> 16: a 48-dim harmless subspace
+    "    torch.manual_seed(0)\n"
+    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)).eval()\n"
+)
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))

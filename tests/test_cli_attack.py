@@ -12,23 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import factory_and_folder, one_error_line, run
+from cli_helpers import WIDE_FACTORY, factory_and_folder, one_error_line, run
 from safetensors.torch import load_file
 
 from harmless.cli import EXIT_USER_ERROR, main
 
-FACTORY = (
-    "import torch\n"
-    "from torch import nn\n"
-    "def wide():\n"  # 64 inputs -> 16: a 48-dim harmless subspace
-    "    torch.manual_seed(0)\n"
-    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)).eval()\n"
+FACTORY = WIDE_FACTORY + (
     "def injective():\n"  # 64 -> 80: no harmless subspace
     "    torch.manual_seed(0)\n"
     "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 3)).eval()\n"
 )
-
-
 
 
 @pytest.fixture

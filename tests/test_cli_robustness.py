@@ -8,17 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import factory_and_folder, one_error_line, run
+from cli_helpers import WIDE_FACTORY, factory_and_folder, one_error_line, run
 
 from harmless.cli import EXIT_USER_ERROR
 from harmless.experiments.robustness import TAU, category
 
-FACTORY = (
-    "import torch\n"
-    "from torch import nn\n"
-    "def wide():\n"  # 64 inputs -> 16: a 48-dim harmless subspace
-    "    torch.manual_seed(0)\n"
-    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)).eval()\n"
+FACTORY = WIDE_FACTORY + (
     "def training():\n"  # the same, handed over in training mode (with dropout)
     "    torch.manual_seed(0)\n"
     "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).train()\n"
