@@ -40,6 +40,7 @@ from functools import cached_property
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,6 +76,123 @@ def _left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a = np.ascontiguousarray(a)
     u, s, _ = scipy.linalg.svd(a, full_matrices=a.shape[1] < a.shape[0])
     return u, s
+
+
+#: Cholesky of ``E^T E - mu I`` with ``mu`` this times ``||E^T E||_1`` (>= sigma_max(E)^2) certifies
+#: ``sigma_min(E) >= ~1e-3 sigma_max(E)``: far above the SVD's rank threshold ``max(m, n) eps
+#: sigma_max`` and above the Gram matrix's round-off (<= m n eps sigma_max^2, ~1e-9 at LeNet's conv1).
+_CHOLESKY_SHIFT = 1e-6
+
+#: A tight row is strict at y when ``G_i y <= -_STRICT ||y||`` (rows of unit norm), and is at 0 when
+#: ``|G_i y| <= _AT_ZERO ||y||``: both far above the round-off of ``G_i y`` (~ k eps ||y||).
+_STRICT = 1e-8
+_AT_ZERO = 1e-10
+
+#: ``||E d|| <= _IN_HULL sigma_max(E)`` for a unit ``d``: ``d`` lies in ``{E d = 0}`` to round-off.
+_IN_HULL = 1e-12
+
+
+def _full_rank(e: np.ndarray) -> bool:
+    """Whether ``e`` ``(m, n)`` has rank ``n`` with a wide margin, by one Cholesky factorisation of
+    its (shifted) Gram matrix: ``True`` only where the SVD would also call it full rank; ``False``
+    (not certified) sends the caller to the SVD. The Gram matrix is formed sparse where ``e`` is
+    (a conv layer's Jacobian rows hold ~25 of 784 entries): ~50x cheaper than the SVD at LeNet's conv1."""
+    m, n = e.shape
+    if m < n or n == 0:
+        return False
+    if np.count_nonzero(e) < 0.1 * e.size:
+        sparse = scipy.sparse.csr_matrix(e)
+        gram = np.asarray((sparse.T @ sparse).toarray())
+    else:
+        gram = e.T @ e
+    bound = float(np.abs(gram).sum(axis=0).max())
+    if not bound > 0 or not np.isfinite(bound):
+        return False
+    gram[np.diag_indices(n)] -= _CHOLESKY_SHIFT * bound
+    try:
+        scipy.linalg.cholesky(gram, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def _strict_by_lp(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the cone ``{y : a y <= 0}`` (``a`` ``(t, k)``, unit rows): which rows can be strict
+    (``< 0``) somewhere in it, and a ``y`` that makes all of them strict, by one HiGHS LP:
+    max sum(s) s.t. ``a y + s <= 0``, ``0 <= s <= 1``. Any row that can be made strict gets
+    ``s = 1`` at the optimum (the cone is closed under addition), an implicit equality ``s = 0``.
+    Unbounded coordinates of ``y`` come back large; only its direction matters."""
+    import scipy.optimize  # here, not at import time: `import harmless` should not pay for it
+
+    t, k = a.shape
+    res = scipy.optimize.linprog(np.concatenate([np.zeros(k), -np.ones(t)]),
+                                 A_ub=scipy.sparse.hstack([scipy.sparse.csr_matrix(a), scipy.sparse.eye(t)]).tocsr(),
+                                 b_ub=np.zeros(t), bounds=[(None, None)] * k + [(0, 1)] * t, method="highs")
+    if res.status != 0:
+        raise VerificationError(f"the implicit-equality LP failed: {res.message}")
+    return res.x[k:] >= 0.5, res.x[:k]
+
+
+def _strict_start(a: np.ndarray, hint: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A point ``y`` of the cone ``{y : a y <= 0}`` (to round-off) and the rows it makes strict,
+    without an LP: from ``hint`` (the inward direction of the nested piece one layer down, already
+    in this cone in exact arithmetic), else from the least-squares solution of ``a y = -1``; the
+    rows it leaves non-strict are projected out (``y`` moved into their null space) until none is
+    violated. Every row it calls strict is strict (a certificate); the rest go to the LP."""
+    t, k = a.shape
+    best: tuple[np.ndarray, np.ndarray] = (np.zeros(k), np.zeros(t, dtype=bool))
+    starts: list[np.ndarray | None] = [hint] if hint is not None else []
+    starts.append(None)  # the least-squares start, made only if the hint leaves rows undecided
+    for y in starts:
+        if y is None:
+            y = np.linalg.lstsq(a, -np.ones(t), rcond=None)[0]
+        for _ in range(8):
+            norm = float(np.linalg.norm(y))
+            if not norm > 0:
+                break
+            v = a @ y
+            strict = v <= -_STRICT * norm
+            rest = ~strict
+            if not np.any(v[rest] > _AT_ZERO * norm):
+                if strict.sum() > best[1].sum():
+                    best = (y / norm, strict)
+                break
+            y = y - np.linalg.lstsq(a[rest], v[rest], rcond=None)[0]
+        if best[1].all():
+            break
+    return best
+
+
+def _strict_rows(a: np.ndarray, hint: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of the cone ``{y : a y <= 0}`` (unit rows) can be strict, and a unit ``y`` of
+    the cone strict on all of them: :func:`_strict_start` proves most rows strict without an LP,
+    the LP (:func:`_strict_by_lp`) runs on the rest only. The rows proven strict can be left out
+    of it: with ``y1`` strict on them and ``y2`` from the LP on the rest, ``y1 + eps y2`` is in the
+    cone and strict on both for ``eps`` small enough. The result is checked; where the check fails
+    the LP runs on all rows, as before."""
+    y1, strict = _strict_start(a, hint)
+    rest = np.flatnonzero(~strict)
+    y = y1
+    if rest.size:
+        lp_strict, y2 = _strict_by_lp(a[rest])
+        strict = strict.copy()
+        strict[rest[lp_strict]] = True
+        n2 = float(np.linalg.norm(y2))
+        if lp_strict.any() and n2 > 0:
+            y2 = y2 / n2
+            if np.any(y1):
+                v1, v2 = a @ y1, a @ y2
+                grow = (v2 > 0) & (v1 < 0)
+                eps = 0.5 * min(1.0, float(np.min(-v1[grow] / v2[grow]))) if grow.any() else 1.0
+                y = y1 + eps * y2
+            else:
+                y = y2
+    if strict.any():
+        v = a @ y
+        norm = float(np.linalg.norm(y))
+        if not (norm > 0 and np.all(v[strict] < 0) and np.all(v[~strict] <= _AT_ZERO * norm)):
+            strict, y = _strict_by_lp(a)  # round-off defeated the shortcut: the full LP, as before
+    return strict, y
 
 @dataclass
 class _Step:
@@ -151,6 +269,9 @@ class ReluNetwork:
         # A float64 copy in eval mode: the caller's model (and its mode, dtype) stays untouched.
         self.model = copy.deepcopy(model).double().eval()
         self.steps = self._plan(self.model)
+        self._injective: dict[int, bool] = {}  # per affine step, filled when first needed
+        self._prefix_jacobian: dict[int, torch.Tensor] = {}  # the leading affine steps' (sample-independent)
+        self._prefix_pieces: dict[int, HarmlessPiece] = {}  # and their pieces
 
     @property
     def n(self) -> int:
@@ -235,14 +356,23 @@ class ReluNetwork:
         z = x
         jt = torch.eye(n, dtype=torch.float64).reshape(n, *self.input_shape)  # d z / d x_j, one row per j
         traces = []
-        for step in self.steps[: upto + 1]:
+        prefix = True  # up to the first ReLU or max pooling the Jacobian is the same for every sample
+        for i, step in enumerate(self.steps[: upto + 1]):
             if step.kind == "affine":
                 assert step.operator is not None
                 z = step.module(z.unsqueeze(0))[0]
-                jt = step.operator.matvec(jt)
+                if prefix and i in self._prefix_jacobian:
+                    jt = self._prefix_jacobian[i]
+                else:
+                    jt = step.operator.matvec(jt)
+                    if prefix:
+                        self._prefix_jacobian[i] = jt
                 j = jt.reshape(n, -1).T.numpy()
+                if prefix:
+                    j.flags.writeable = False  # shared by every sample's piece: nobody may write to it
                 traces.append(_StepTrace(_Constraints.empty(n), _Constraints(j, np.zeros((0, n)), np.zeros(0))))
             elif step.kind == "relu":
+                prefix = False
                 zf = z.reshape(-1).numpy()
                 j = jt.reshape(n, -1).T.numpy()
                 act = zf > 0  # Lemma 1.2: z = 0 counts as inactive
@@ -254,6 +384,7 @@ class ReluNetwork:
                 z = F.relu(z)
                 jt = jt * mask
             else:
+                prefix = False
                 assert step.windows is not None
                 w = step.windows
                 z_row = z.reshape(1, -1)
@@ -280,12 +411,42 @@ class ReluNetwork:
                 jt = jt.reshape(n, -1)[:, jstar.reshape(-1)].reshape(n, *step.out_shape)
         return traces
 
-    def _assemble(self, x: torch.Tensor, traces: list[_StepTrace], index: int, dtype: torch.dtype) -> HarmlessPiece:
+    def _assemble(self, x: torch.Tensor, traces: list[_StepTrace], index: int, dtype: torch.dtype,
+                  inner: HarmlessPiece | None = None) -> HarmlessPiece:
         parts = [t.keep for t in traces[:index]] + [traces[index].last]
-        e = np.vstack([p.E for p in parts])
-        g = np.vstack([p.G for p in parts])
+        e_blocks = [p.E for p in parts if p.E.shape[0]]
+        e = e_blocks[0] if len(e_blocks) == 1 else np.vstack([p.E for p in parts])  # one block: no copy
+        g = [p.G for p in parts if p.G.shape[0]] or [np.zeros((0, self.n))]
         h = np.concatenate([p.h for p in parts])
-        return HarmlessPiece(self, index, x, e, g, h, dtype)
+        same = inner if inner is not None and self._keeps_hull(index) else None
+        prefix = all(s.kind == "affine" for s in self.steps[: index + 1])
+        if same is None and prefix:
+            # The leading affine layers' pieces are the same for every sample (E constant, no
+            # inequalities): the first one built is reused.
+            same = self._prefix_pieces.get(index)
+        piece = HarmlessPiece(self, index, x, e, g, h, dtype, inner=inner, same=same)
+        if prefix and same is None:
+            self._prefix_pieces[index] = piece
+        return piece
+
+    def _keeps_hull(self, index: int) -> bool:
+        """Whether the piece at ``index`` is the piece one layer down, for every sample: this layer
+        is affine and injective (certified by :func:`_full_rank` on its matrix, once per network)
+        and the one before is affine or max pooling (whose kept pattern is its own piece's
+        inequalities). Then ``E_index = B E_(index-1)`` with ``B`` of full column rank: the same
+        null space, and the same inequalities, so the same piece."""
+        if index == 0 or self.steps[index].kind != "affine" or self.steps[index - 1].kind == "relu":
+            return False
+        if index not in self._injective:
+            step = self.steps[index]
+            n_in, n_out = math.prod(step.in_shape), math.prod(step.out_shape)
+            ok = False
+            if n_out >= n_in and n_in <= 4096 and step.operator is not None:
+                eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *step.in_shape)
+                with torch.no_grad():
+                    ok = _full_rank(step.operator.matvec(eye).reshape(n_in, -1).T.numpy())
+            self._injective[index] = ok
+        return self._injective[index]
 
     # -- public ------------------------------------------------------------------------
     def piece(self, sample: torch.Tensor, layer: str | int | None = None) -> HarmlessPiece:
@@ -304,7 +465,12 @@ class ReluNetwork:
         """The piece at every layer (``layer_names`` order) for one sample, from one forward pass."""
         x = self._sample64(sample)
         traces = self._trace(x, len(self.steps) - 1)
-        return [self._assemble(x, traces, i, sample.dtype) for i in range(len(self.steps))]
+        pieces: list[HarmlessPiece] = []
+        for i in range(len(self.steps)):
+            # Each piece knows the one below it (nested in it): asked in order, layer by layer, a
+            # piece reuses what the one below found (its inward direction, or its whole hull).
+            pieces.append(self._assemble(x, traces, i, sample.dtype, pieces[-1] if pieces else None))
+        return pieces
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,15 +497,53 @@ class HarmlessPiece:
     SciPy's SVD with NumPy's threshold ``max(M.shape) * eps * sigma_max``.
     """
 
-    def __init__(self, network: ReluNetwork, index: int, x: torch.Tensor, e: np.ndarray, g: np.ndarray,
-                 h: np.ndarray, dtype: torch.dtype) -> None:
+    def __init__(self, network: ReluNetwork, index: int, x: torch.Tensor, e: np.ndarray,
+                 g: np.ndarray | Sequence[np.ndarray], h: np.ndarray, dtype: torch.dtype, *,
+                 inner: HarmlessPiece | None = None, same: HarmlessPiece | None = None) -> None:
         self.network = network
         self.index = index
         self.layer: str = network.steps[index].name
         self.input_shape = network.input_shape
         self.x = x  # float64, a private copy
-        self.E, self.G, self.h = e, g, h
+        self.E, self.h = e, h
+        # G's row blocks, stacked only when G itself is asked for (membership, sampling, extents):
+        # LeNet's ~9,000 x 784 per layer cost more to stack than the piece's dimension.
+        self._g_blocks = [g] if isinstance(g, np.ndarray) else list(g)
+        # inner: the piece one layer down (nested in this one), whose inward direction is tried
+        # first here; same: a piece with the same affine hull and the same inequalities (this
+        # layer is an injective affine map after an affine or max-pool layer), whose hull is reused.
+        self._inner, self._same = inner, same
         self.dtype = dtype  # samples come back in the sample's dtype
+
+    @cached_property
+    def G(self) -> np.ndarray:
+        """The inequality rows ``G`` of ``G delta <= h`` (dense, float64, ``(n_inequalities, n)``)."""
+        blocks = self._g_blocks
+        return blocks[0] if len(blocks) == 1 else np.vstack(blocks)
+
+    @cached_property
+    def _g_norms(self) -> np.ndarray:
+        """``||G_i||`` per row."""
+        blocks = [self.G] if "G" in self.__dict__ else self._g_blocks
+        return np.sqrt(np.concatenate([np.einsum("ij,ij->i", b, b) for b in blocks]))
+
+    def _g_times(self, d: np.ndarray) -> np.ndarray:
+        """``d @ G.T`` for ``d`` ``(B, n)``, block by block (``G`` is not stacked for this)."""
+        blocks = [self.G] if "G" in self.__dict__ else self._g_blocks
+        return np.hstack([d @ b.T for b in blocks])
+
+    def _g_rows(self, rows: np.ndarray) -> np.ndarray:
+        """``G[rows]`` (``rows`` sorted) without stacking all of ``G``."""
+        if "G" in self.__dict__ or len(self._g_blocks) == 1:
+            return self.G[rows]
+        out, start = [], 0
+        for block in self._g_blocks:
+            stop = start + block.shape[0]
+            lo, hi = np.searchsorted(rows, [start, stop])
+            if hi > lo:
+                out.append(block[rows[lo:hi] - start])
+            start = stop
+        return np.vstack(out) if out else np.zeros((0, self.n))
 
     @property
     def n(self) -> int:
@@ -351,7 +555,7 @@ class HarmlessPiece:
 
     @property
     def n_inequalities(self) -> int:
-        return int(self.G.shape[0])
+        return int(self.h.shape[0])
 
     def __repr__(self) -> str:
         return (f"HarmlessPiece(layer={self.layer!r}, dim={self.dim}, n={self.n}, equalities={self.n_equalities}, "
@@ -359,16 +563,46 @@ class HarmlessPiece:
 
     # -- the affine hull -----------------------------------------------------------------
     @cached_property
-    def _equality_null(self) -> tuple[np.ndarray, int, float, float]:
-        """``(N, rank(E), sigma_max(E), threshold)``: ``N`` ``(n, n - rank(E))`` orthonormal
-        columns spanning ``{d : E d = 0}`` (one SVD of the tall ``E^T``; rank with NumPy's
-        threshold ``max(E.shape) * eps * sigma_max``)."""
+    def _equality_null(self) -> tuple[np.ndarray, int]:
+        """``(N, rank(E))``: ``N`` ``(n, n - rank(E))`` orthonormal columns spanning
+        ``{d : E d = 0}``. One SVD of the tall ``E^T`` (rank with NumPy's threshold
+        ``max(E.shape) * eps * sigma_max``), except where it is not needed: ``E`` certified of
+        full rank by :func:`_full_rank` (then ``N`` is empty), or a piece ``same`` with the same
+        null space (this layer an injective affine map of the previous one's output)."""
+        if self._same is not None:
+            return self._same._equality_null
         if self.E.shape[0] == 0:
-            return np.eye(self.n), 0, 0.0, 0.0
+            return np.eye(self.n), 0
+        if _full_rank(self.E):
+            return np.zeros((self.n, 0)), self.n
         u, s = _left_singular(self.E.T)
+        self.__dict__["_smax_e"] = float(s[0]) if s.size else 0.0  # the cached_property, for free
         tol = max(self.E.shape) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
-        rank = int(np.sum(s > tol))
-        return np.ascontiguousarray(u[:, rank:]), rank, float(s[0]) if s.size else 0.0, tol
+        # The rank decided once per piece: where _rank_e came first (singular values alone, the
+        # same threshold) its decision stands, so that dim and the basis always agree.
+        rank = self.__dict__.get("_rank_e", int(np.sum(s > tol)))
+        return np.ascontiguousarray(u[:, rank:]), rank
+
+    @cached_property
+    def _rank_e(self) -> int:
+        """``rank(E)``, from the singular values alone where the null basis is not needed (a piece
+        without tight rows, or one whose rows the piece below already proved strict): several
+        times cheaper than the SVD with all left singular vectors."""
+        if "_equality_null" in self.__dict__ or self._same is not None:
+            return self._equality_null[1]
+        if self.E.shape[0] == 0:
+            return 0
+        if _full_rank(self.E):
+            return self.n
+        s = scipy.linalg.svdvals(self.E)
+        self.__dict__["_smax_e"] = float(s[0]) if s.size else 0.0
+        tol = max(self.E.shape) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
+        return int(np.sum(s > tol))
+
+    @cached_property
+    def _smax_e(self) -> float:
+        """``sigma_max(E)`` (0 without equalities)."""
+        return float(scipy.linalg.svdvals(self.E)[0]) if self.E.size else 0.0
 
     @cached_property
     def implicit_equalities(self) -> np.ndarray:
@@ -381,62 +615,79 @@ class HarmlessPiece:
         hull with ``G_i d < 0`` on every other row tight at 0 (``None`` when no row is tight:
         then 0 is in the piece's relative interior). Where 0 lies on the piece's boundary (ties
         in a max-pool window of zeros, LeNet's background), a random hull direction leaves the
-        piece at once; ``sample`` steers into it along ``inward``."""
-        import scipy.optimize  # here, not at import time: `import harmless` should not pay for it
+        piece at once; ``sample`` steers into it along ``inward``.
 
+        The rows that can be strict are found by :func:`_strict_rows`: most are proven strict
+        by the inward direction of the piece one layer down (nested in this one, so already a
+        direction into this piece) or by a least-squares direction, and one HiGHS LP decides
+        the rest (only ties, e.g. a unit exactly at 0, can make a row implicit)."""
+        if self._same is not None:
+            return self._same._tangent
         tight = np.flatnonzero(self.h <= 0)
         if tight.size == 0:
             return tight, None
-        null = self._equality_null[0]
-        gt = self.G[tight]
+        gt = self._g_rows(tight)
         gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
+        inner = self._inner
+        below = inner._tangent[1] if inner is not None and "_tangent" in inner.__dict__ else None
+        if below is not None and self._rank_e < self.n and np.all(gt @ below <= -_STRICT):
+            # The piece below's inward direction (a unit vector, computed already: layers in order)
+            # is strict on every tight row here and lies in this piece's hull (nested pieces; checked
+            # to round-off): no implicit equality, and no null basis or LP needed.
+            if np.linalg.norm(self.E @ below) <= _IN_HULL * self._smax_e:
+                return tight[:0], below
+        null = self._equality_null[0]
         # Work in the null space of E (d = N y): the LP shrinks from n + |E| to dim N rows and
         # columns. A tight row that vanishes there lies in E's row space: implicit by itself.
         gy = gt @ null
         free = np.linalg.norm(gy, axis=1) > _PARALLEL * max(1, null.shape[1]) ** 0.5
         if not np.any(free):
             return tight, None
-        gy = gy[free]
-        t, k = gy.shape
-        # max sum(s) s.t. G_T N y + s <= 0, 0 <= s <= 1: any row that can be made strict gets
-        # s = 1 at the optimum (the cone is closed under addition), an implicit one s = 0.
-        res = scipy.optimize.linprog(np.concatenate([np.zeros(k), -np.ones(t)]), A_ub=np.hstack([gy, np.eye(t)]),
-                                     b_ub=np.zeros(t), bounds=[(None, None)] * k + [(0, 1)] * t, method="highs")
-        if res.status != 0:
-            raise VerificationError(f"the implicit-equality LP failed: {res.message}")
+        hint = None if below is None else null.T @ below
+        strict_free, y = _strict_rows(gy[free], hint)
         strict = np.zeros(tight.size, dtype=bool)
-        strict[np.flatnonzero(free)[res.x[k:] >= 0.5]] = True
-        # The LP's y makes every strict row <= -1 and keeps the implicit ones at 0 (they cannot be
-        # strict anywhere): N y points into the piece. Unbounded coordinates come back large; only
-        # the direction matters.
-        inward = null @ res.x[:k]
+        strict[np.flatnonzero(free)[strict_free]] = True
+        inward = null @ y
         norm = float(np.linalg.norm(inward))
         return tight[~strict], (inward / norm if norm > 0 and strict.any() else None)
 
     @cached_property
-    def _hull(self) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """``M`` (equalities, implicit ones included), ``[sigma]`` (an upper bound of its largest
-        singular value, ``sqrt(sigma_max(E)^2 + sigma_max(G_I)^2)``), its rank and the threshold of
-        the last rank decision. The rank is ``rank(E) + rank(G_I N)``, ``N`` spanning E's null space
-        (exact in exact arithmetic; each by SVD with NumPy's threshold)."""
-        null, rank_e, smax_e, tol = self._equality_null
-        gi = self.G[self.implicit_equalities]
+    def _hull(self) -> tuple[int, float | None]:
+        """The rank of ``M`` (equalities, implicit ones included) and the threshold of the last
+        rank decision (``None``: that of ``E``, computed when asked). The rank is
+        ``rank(E) + rank(G_I N)``, ``N`` spanning E's null space (exact in exact arithmetic; each
+        by SVD with NumPy's threshold)."""
+        if self._same is not None:
+            return self._same._hull
+        implicit = self.implicit_equalities
+        if implicit.size == 0:
+            return self._rank_e, None
+        null, rank = self._equality_null
+        if null.shape[1] == 0:
+            return rank, None
+        gi = self._g_rows(implicit)
+        s = scipy.linalg.svdvals(np.ascontiguousarray((gi @ null).T))
+        tol = max(gi.shape[0], null.shape[1]) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
+        return rank + int(np.sum(s > tol)), tol
+
+    @cached_property
+    def _equations(self) -> tuple[np.ndarray, float]:
+        """``M`` (equalities, implicit ones included) and an upper bound of its largest singular
+        value, ``sqrt(sigma_max(E)^2 + sigma_max(G_I)^2)``: the equality residual's scale."""
+        gi = self._g_rows(self.implicit_equalities)
         m = np.vstack([self.E, gi])
-        if m.shape[0] == 0:
-            return m, np.zeros(0), 0, 0.0
-        rank, smax = rank_e, smax_e
-        if gi.shape[0] and null.shape[1]:
-            s = scipy.linalg.svdvals(np.ascontiguousarray((gi @ null).T))
-            tol = max(gi.shape[0], null.shape[1]) * np.finfo(np.float64).eps * float(s[0]) if s.size else 0.0
-            rank += int(np.sum(s > tol))
-            smax = float(np.hypot(smax_e, scipy.linalg.svdvals(gi)[0]))
-        return m, np.array([smax]), rank, tol
+        smax = self._smax_e
+        if gi.shape[0]:
+            smax = float(np.hypot(smax, scipy.linalg.svdvals(gi)[0]))
+        return m, smax
 
     @cached_property
     def _null_basis(self) -> np.ndarray:
         """``(n, dim)`` orthonormal columns spanning the affine hull (through 0)."""
-        null, rank_e, _, _ = self._equality_null
-        gi = self.G[self.implicit_equalities]
+        if self._same is not None:
+            return self._same._null_basis
+        null, rank_e = self._equality_null
+        gi = self._g_rows(self.implicit_equalities)
         if gi.shape[0] == 0 or null.shape[1] == 0:
             return null
         inner_rank = self.rank - rank_e
@@ -446,13 +697,14 @@ class HarmlessPiece:
     @property
     def rank(self) -> int:
         """Rank of the equalities (implicit ones included)."""
-        return self._hull[2]
+        return self._hull[0]
 
     @property
     def rank_tolerance(self) -> float:
         """Singular values at most this counted as zero in the last rank decision (of ``E``, or of
         the implicit equalities inside E's null space): ``max(shape) * eps * sigma_max``."""
-        return self._hull[3]
+        tol = self._hull[1]
+        return max(self.E.shape) * np.finfo(np.float64).eps * self._smax_e if tol is None else tol
 
     @property
     def dim(self) -> int:
@@ -483,17 +735,16 @@ class HarmlessPiece:
         return max(tol, 10 * torch.finfo(delta.dtype).eps) if delta.is_floating_point() else tol
 
     def _residuals(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m = self._hull[0]
+        m, smax = self._equations
         dn = np.linalg.norm(d, axis=1)
         tiny = np.finfo(np.float64).tiny
         if m.shape[0]:
-            smax = float(self._hull[1][0])
             eq = np.linalg.norm(d @ m.T, axis=1) / np.maximum(smax * dn, tiny)
         else:
             eq = np.zeros(d.shape[0])
-        if self.G.shape[0]:
-            scale = np.abs(self.h)[None, :] + np.linalg.norm(self.G, axis=1)[None, :] * dn[:, None]
-            viol = ((d @ self.G.T - self.h[None, :]) / np.maximum(scale, tiny)).max(axis=1)
+        if self.n_inequalities:
+            scale = np.abs(self.h)[None, :] + self._g_norms[None, :] * dn[:, None]
+            viol = ((self._g_times(d) - self.h[None, :]) / np.maximum(scale, tiny)).max(axis=1)
         else:
             viol = np.full(d.shape[0], -np.inf)
         eq[dn == 0] = 0.0
@@ -538,11 +789,11 @@ class HarmlessPiece:
         eq, _ = self._residuals(d)
         if eq[0] > self._tol(direction, rtol):
             return 0.0
-        gd = self.G @ d[0]
+        gd = self._g_times(d)[0]
         # A row with |G_i d| at round-off level is one whose hyperplane contains d (in exact
         # arithmetic G_i d = 0, e.g. G_i in the row space of E): it never stops the step.
         tol = self._tol(direction, rtol)
-        rows = gd > tol * np.linalg.norm(self.G, axis=1) * np.linalg.norm(d[0])
+        rows = gd > tol * self._g_norms * np.linalg.norm(d[0])
         if not np.any(rows):
             return math.inf
         res = scipy.optimize.linprog([-1.0], A_ub=gd[rows, None], b_ub=self.h[rows], bounds=[(0, None)],
@@ -575,19 +826,20 @@ class HarmlessPiece:
         if inward is not None:
             # 0 on the boundary: d <- inward + eps * d, eps per sample half the largest that keeps
             # every strict tight row (G_i inward < 0) non-increasing, so the step enters the piece.
-            implicit = np.zeros(self.G.shape[0], dtype=bool)
+            implicit = np.zeros(self.n_inequalities, dtype=bool)
             implicit[self.implicit_equalities] = True
             rows = (self.h <= 0) & ~implicit
-            g_in = self.G[rows] @ inward  # < 0
-            g_d = d @ self.G[rows].T
+            g_rows = self._g_rows(np.flatnonzero(rows))
+            g_in = g_rows @ inward  # < 0
+            g_d = d @ g_rows.T
             with np.errstate(divide="ignore", invalid="ignore"):
                 room = np.where(g_d > 0, -g_in[None, :] / g_d, np.inf).min(axis=1)
             eps = 0.5 * np.minimum(room, 1.0)
             d = inward[None, :] + eps[:, None] * d
             d /= np.linalg.norm(d, axis=1, keepdims=True)
-        gd = d @ self.G.T  # (n, q)
+        gd = self._g_times(d)  # (n, q)
         # As in extent(): |G_i d| at round-off level means d lies in that row's hyperplane.
-        stops = gd > _PARALLEL * np.linalg.norm(self.G, axis=1)[None, :]
+        stops = gd > _PARALLEL * self._g_norms[None, :]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(stops, self.h[None, :] / gd, np.inf)
         tmax = ratio.min(axis=1) if ratio.shape[1] else np.full(n, np.inf)
