@@ -548,3 +548,120 @@ def test_samples_enter_a_piece_whose_boundary_holds_zero() -> None:
         change = (model(x + delta) - model(x)).abs().max()
     assert float(change) <= 1e-12
     assert piece.extent(delta[0] / norms[0]) > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The fast path (nested pieces, least-squares certificates, Cholesky full-rank, reused hulls)
+# against a brute-force oracle: the implicit equalities by one LP over the full input space
+# (E delta = 0 as equality constraints, no null space), the dimension by NumPy's dense rank.
+# ---------------------------------------------------------------------------------------
+def tied_cnn(seed: int) -> nn.Sequential:
+    """Conv, ReLU, max pool, an injective 3x3 conv (its piece is the pool's: the reused hull),
+    ReLU, max pool, Flatten (injective too), Linear, ReLU, Linear. Positive conv biases on a
+    zero background make whole windows tie at a positive value (LeNet's case)."""
+    torch.manual_seed(seed)
+    conv1, conv2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1)
+    with torch.no_grad():
+        conv1.bias.uniform_(0.2, 1.0)
+        conv2.bias.uniform_(-0.5, 1.0)
+    return nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2), conv2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+
+
+def oracle_implicit(piece) -> np.ndarray:
+    """Brute force: the tight rows that no delta with E delta = 0 and G_T delta <= 0 makes strict
+    (max sum s, G_T delta + s <= 0, 0 <= s <= 1; HiGHS over the input space itself)."""
+    import scipy.optimize
+
+    tight = np.flatnonzero(piece.h <= 0)
+    if tight.size == 0:
+        return tight
+    g = piece.G[tight]
+    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-300)
+    t, n = g.shape
+    e = piece.E / max(np.abs(piece.E).max(), 1e-300) if piece.E.size else np.zeros((0, n))
+    eq = dict(A_eq=np.hstack([e, np.zeros((e.shape[0], t))]), b_eq=np.zeros(e.shape[0])) if e.shape[0] else {}
+    res = scipy.optimize.linprog(np.concatenate([np.zeros(n), -np.ones(t)]), A_ub=np.hstack([g, np.eye(t)]),
+                                 b_ub=np.zeros(t), bounds=[(None, None)] * n + [(0, 1)] * t, method="highs", **eq)
+    assert res.status == 0
+    return tight[res.x[n:] < 0.5]
+
+
+@settings(max_examples=4, **SETTINGS)
+@given(st.integers(0, 2**16), st.integers(0, 3))
+def test_fast_pieces_against_brute_force_on_tied_cnns(seed, patch):
+    model = tied_cnn(seed)
+    x = torch.zeros(1, 8, 8, dtype=torch.float64)  # a background of zeros: tied windows
+    if patch:  # an object in one corner, the rest background
+        x[0, : 2 * patch, : 2 * patch] = torch.randn(2 * patch, 2 * patch, generator=gen(seed), dtype=torch.float64)
+    net = ReluNetwork(model, (1, 8, 8))
+    pieces = net.all_pieces(x)  # in order: each piece uses the one below
+    with torch.no_grad():
+        full = model(x.unsqueeze(0))
+    ties = 0
+    for i, piece in enumerate(pieces):
+        implicit = oracle_implicit(piece)
+        assert np.array_equal(np.sort(piece.implicit_equalities), implicit), piece.layer
+        ties += implicit.size
+        m = np.vstack([piece.E, piece.G[implicit]])
+        assert piece.dim == 64 - (np.linalg.matrix_rank(m) if m.shape[0] else 0), piece.layer
+        alone = net.piece(x, i)  # without the piece below: the least-squares/LP path alone
+        assert alone.dim == piece.dim and np.array_equal(np.sort(alone.implicit_equalities), implicit)
+        delta = piece.sample(6, generator=gen(seed + i))
+        cert = piece.certify(delta)
+        assert cert.contains.all() and (cert.layer_change <= 1e-12).all() and (cert.output_change <= 1e-12).all()
+        with torch.no_grad():
+            assert rel_change(model(x + delta), full.expand(6, -1)) <= 1e-12
+    assert [p.dim for p in pieces] == sorted(p.dim for p in pieces)
+    if not patch:
+        assert ties > 0  # the tied windows made implicit equalities (checked against the oracle above)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(0, 3), st.floats(-14, 0), st.integers(0, 2**16))
+def test_cholesky_full_rank_never_contradicts_the_svd(extra, n, deficient, log_cond, seed):
+    from harmless.nonlinear.network import _full_rank
+
+    rng = np.random.default_rng(seed)
+    m = n + extra
+    u, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = np.logspace(0, log_cond, n)
+    s[n - min(deficient, n):] = 0.0
+    e = (u * s) @ v.T
+    if rng.random() < 0.5:
+        e[rng.random(e.shape) < 0.6] = 0.0  # mostly zeros: the sparse Gram
+    full = np.linalg.matrix_rank(e) == n
+    if _full_rank(e):
+        assert full  # a certificate only: True never where the SVD finds a lower rank
+        assert scipy.linalg.svdvals(e)[-1] >= 1e-4 * scipy.linalg.svdvals(e)[0]
+    elif full and log_cond > -1 and not (e == 0).any():
+        pytest.fail("a well-conditioned full-rank matrix was not certified")
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(st.integers(1, 8), st.integers(0, 6), st.integers(0, 4), st.integers(0, 2**16))
+def test_strict_rows_match_the_full_lp(k, free_rows, pairs, seed):
+    """A cone {y : a y <= 0} with implicit rows (pairs +r, -r) and rows that can be strict:
+    the least-squares/LP split finds the same strict rows as the LP on all rows, and its y is in
+    the cone and strict on them."""
+    from harmless.nonlinear.network import _strict_by_lp, _strict_rows
+
+    rng = np.random.default_rng(seed)
+    inside = rng.standard_normal(k)
+    rows = [r - max(0.0, r @ inside + 0.1) * inside / (inside @ inside) for r in rng.standard_normal((free_rows, k))]
+    for r in rng.standard_normal((pairs, k)):
+        rows += [r, -r]
+    if not rows:
+        return
+    a = np.array(rows)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    order = rng.permutation(len(a))
+    a = a[order]
+    expected, _ = _strict_by_lp(a)
+    for hint in (None, rng.standard_normal(k)):
+        strict, y = _strict_rows(a, hint)
+        assert np.array_equal(strict, expected)
+        if strict.any():
+            v = a @ y
+            assert (v[strict] < 0).all() and (v[~strict] <= 1e-9).all()

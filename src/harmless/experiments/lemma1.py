@@ -17,16 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import harmless
 from harmless.nonlinear import ReluNetwork
 from harmless.threads import one_blas_thread
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist", "lenet:mnist")
-#: Images per model (full run, quick run). LeNet's pieces cost ~100x MLP-5's (its equalities at the
-#: conv and pool layers are ~5,000 x 784, and tied max-pool windows need an LP), about 21 s per
-#: image on 2 cores (results/lemma1.md): 1,000 images would take ~6 h, so it is measured on a stated subset.
-IMAGES = {"mlp5:mnist": (1000, 100), "mlp5:fashion-mnist": (1000, 100), "lenet:mnist": (30, 3)}
+#: Images per model (full run, quick run). LeNet's pieces cost a few times MLP-5's (equalities up to
+#: ~5,000 x 784 at the conv layers; tied max-pool windows make implicit equalities, found by an LP):
+#: ~2 s per image on the 2 shared cores (results/lemma1.md), after the nested-piece shortcuts of
+#: harmless.nonlinear.network (~21 s per image before).
+IMAGES = {"mlp5:mnist": (1000, 100), "mlp5:fashion-mnist": (1000, 100), "lenet:mnist": (1000, 3)}
 COMMAND = "harmless reproduce lemma1 --out results"
 
 
@@ -66,8 +68,8 @@ def measure(spec: str, images: int, *, samples: int = 4, seed: int = 0) -> Model
     dims = np.zeros((len(x), len(net.steps)), dtype=np.int64)
     result = ModelResult(spec, net.layer_names, [s.kind for s in net.steps], dims, h0.dim, net.n,
                          _checksum(tm), tm.test_accuracy)
-    for i, sample in enumerate(x):
-        pieces = net.all_pieces(sample)
+    for i, sample in enumerate(tqdm(x, desc=f"lemma1 {spec}", disable=None)):
+        pieces = net.all_pieces(sample)  # dims asked in layer order: each piece reuses the one below
         dims[i] = [p.dim for p in pieces]
         out = pieces[-1]
         delta = out.sample(samples, generator=gen)
@@ -207,7 +209,9 @@ def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
             "set that contains δ = 0: the input perturbations that keep every ReLU's sign pattern before L and "
             "leave L's output unchanged (`harmless.nonlinear.ReluNetwork(model, shape).all_pieces(x)`). Its "
             "dimension is that of its affine hull, n − rank of the equality constraints (SciPy SVD, threshold "
-            "max(shape)·eps·σ_max). Exact: the piece. Not computed: the other pieces of the union over activation "
+            "max(shape)·eps·σ_max; a full rank certified by a Cholesky factorisation instead where σ_min ≥ ~1e-3 σ_max; "
+            "tight inequalities that cannot be made strict, from max-pool ties, counted as equalities, found by a "
+            "HiGHS LP). Exact: the piece. Not computed: the other pieces of the union over activation "
             "regions (flipping a unit may also leave the output unchanged), so these dimensions are those of one "
             "piece, not of the whole set P.\n"]
     for r in results:
@@ -216,12 +220,14 @@ def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
         text.append(f"Images: the first {len(r.dims)} test images (indices 0–{len(r.dims) - 1}). Checkpoint "
                     f"weights SHA-256: `{r.checksum}`; test accuracy {acc}. n = {r.n}; "
                     f"H^(0) (the linear prefix's nullspace, `harmless.harmless_subspace`): dim {r.h0_dim}. "
-                    f"Measured in {r.seconds:.0f} s.\n\n")
+                    f"Measured in {r.seconds:.0f} s ({r.seconds / max(1, len(r.dims)):.2f} s per image: every "
+                    "layer's piece, its samples, their float64 check and the extent LP).\n\n")
         text.append(_table(r))
         text.append(f"\nAt the output (the last row), per image: {samples_line(r)}\n")
     text.append(_extremes_section(extremes))
     text.append(f"\nFigure: `{png.name}` (mean dimension per layer, band min–max over images).\n")
-    text.append(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} "
+    text.append(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs (no GPU; shared with other jobs, so the "
+                f"times are upper bounds), {platform.system()} "
                 f"{platform.release()}; torch {torch.__version__}, Python {platform.python_version()}. "
                 f"Total {time.perf_counter() - start:.0f} s.\n\nCommand: `{COMMAND}`"
                 f"{' (quick=True)' if quick else ''}\n")
