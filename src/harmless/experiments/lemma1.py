@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import harmless
 from harmless.nonlinear import ReluNetwork
-from harmless.threads import one_blas_thread
+from harmless.threads import one_blas_thread, one_torch_thread
 
 SPECS = ("mlp5:mnist", "mlp5:fashion-mnist", "lenet:mnist")
 #: Images per model (full run, quick run). LeNet's pieces cost a few times MLP-5's (equalities up to
@@ -200,7 +200,7 @@ def run(out_dir: str | os.PathLike[str], quick: bool = False) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with one_blas_thread():
+    with one_blas_thread(), one_torch_thread():
         results = [measure(spec, IMAGES[spec][1 if quick else 0]) for spec in SPECS]
         extremes = measure_extremes("mlp5:mnist")
     png = _figure(results, out / "lemma1.png")
