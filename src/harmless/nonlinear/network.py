@@ -28,7 +28,7 @@ about perturbations outside the piece.
 All algebra is in float64 on a float64 copy of the model, dense in the input dimension ``n``
 (fine for MNIST-sized inputs; the Jacobian has ``n`` columns per layer).
 
-Cost (LeNet on MNIST: ~2 s per image for all 13 layers on one core, ~20x less than one SVD and
+Cost (LeNet on MNIST: ~2 s per image for all 13 layers on one core, 10-20x less than one SVD and
 one LP over all tight rows per piece, ``benchmarks/bench_lemma1.py``), with the same dimensions:
 ``all_pieces`` links each piece to the one below it (nested in it), so asked in layer order a
 piece tries the lower piece's inward direction first, which proves most tight rows strict without
