@@ -178,9 +178,12 @@ def run_fig3(out_dir: Path, *, quick: bool = False, data_dir: str | None = None)
     header = ["model", "perturbation"] + [f"{r:g}" for r in FIG3_MAGNITUDES]
     rows = [[label, kind] + [f"{100 * a:.2f}" for a in accs] for (label, kind), accs in curves.items()]
     cmd = "harmless reproduce fig3" + (" --quick" if quick else "")
+    models = "\n".join(f"- {s.label}: harmless dim {s.dim} of {s.n}"
+                       + (f", checkpoint sha256 {s.weights_sha256[:12]}" if s.weights_sha256 else "")
+                       for s in subjects)
     text = ("# Figure 3: test accuracy (%) against perturbation RMS magnitude\n\n"
             f"Images in [0, 1]; columns are the RMS per pixel of the perturbation; {subjects[0].x.shape[0]} test "
-            "images per model.\n\n" + Table(header, rows).markdown() + provenance(cmd))
+            "images per model.\n\n" + models + "\n\n" + Table(header, rows).markdown() + provenance(cmd))
     out_dir.mkdir(parents=True, exist_ok=True)
     return [save_text(text, out_dir / "fig3.md"), save_figure(fig, out_dir / "fig3.png")]
 
