@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harmless.errors import InputError
 
-EXPERIMENTS = ("fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1", "robustness")
+EXPERIMENTS = ("fig2", "table1", "fig3", "fig4", "fig5", "table2", "table2-overlap", "lemma1", "robustness")
 
 
 def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: str | None = None) -> list[Path]:
@@ -32,6 +32,9 @@ def run_experiment(name: str, *, out_dir: Path, quick: bool = False, data_dir: s
     if name == "table2":
         from harmless.experiments.table2 import run as run_table2
         return run_table2(out_dir, quick=quick, data_dir=data_dir)
+    if name == "table2-overlap":
+        from harmless.experiments.table2_overlap import run as run_table2_overlap
+        return run_table2_overlap(out_dir, quick=quick, data_dir=data_dir)
     if name == "lemma1":
         from harmless.experiments.lemma1 import run as run_lemma1
         return run_lemma1(out_dir, quick=quick)

@@ -32,6 +32,8 @@ import torch
 from harmless import validation
 from harmless.errors import InputError
 from harmless.linalg.subspace import HarmlessSubspace
+from harmless.privacy.matrix_free import MatrixFreeProblem
+from harmless.privacy.matrix_free import project as project_matrix_free
 from harmless.privacy.problem import (
     Bounds,
     Configured,
@@ -51,8 +53,23 @@ __all__ = [
 DECOY_KINDS = ("grey", "gray", "noise", "shift", "other")
 
 
+def _progress(value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"progress must be True, False or None, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Projection onto {anchor + N(A)} ∩ [lo, hi]^n.
+
+
+def _project(problem: PrivacyProblem | MatrixFreeProblem, anchor: torch.Tensor, target: torch.Tensor, *,
+             bounds: Bounds, tol: float, max_iter: int, progress: bool | None) -> tuple[torch.Tensor, ProjectionInfo]:
+    """The dense interior-point projection, or the matrix-free one for prefixes too large for it."""
+    if isinstance(problem, MatrixFreeProblem):
+        return project_matrix_free(problem, anchor, target, bounds=bounds, tol=tol, max_iter=max_iter,
+                                   progress=progress)
+    return project(problem, anchor, target, bounds=bounds, tol=tol, max_iter=max_iter)
 
 
 @dataclasses.dataclass
@@ -70,21 +87,28 @@ class AffineBoxProjector(Configured):
     mean complementarity are below ``tol``, for at most ``max_iter`` iterations. The result is in
     ``bounds`` and harmless up to round-off; ``info.gap`` bounds its suboptimality and
     ``info.converged`` says which samples met ``tol``. ``anchor`` must lie in the box (so the
-    set is not empty)."""
+    set is not empty).
 
-    def __init__(self, *, tol: float = 1e-12, max_iter: int = 100, bounds: Bounds = (0.0, 1.0)) -> None:
+    Where the dense bases do not fit (a convolutional stem at 224 px), the projection is made
+    matrix-free (:mod:`harmless.privacy.matrix_free`; ``max_iter`` then counts its L-BFGS
+    iterations per image, ``progress`` shows a bar per image: ``None`` on a terminal only)."""
+
+    def __init__(self, *, tol: float = 1e-12, max_iter: int = 100, bounds: Bounds = (0.0, 1.0),
+                 progress: bool | None = None) -> None:
         super().__init__()
         self.tol, self.max_iter = check_solver(tol, max_iter)
         self.bounds = validation.bounds(bounds)
+        self.progress = _progress(progress)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, anchor: torch.Tensor,
                  target: torch.Tensor) -> ProjectionResult:
-        problem = self.problem(space)
+        problem = self.solver_problem(space)
         a = checked_images(problem, anchor, "anchor", bounds=self.bounds).reshape(-1, problem.n)
         t = checked_images(problem, target, "target").reshape(-1, problem.n)
         if t.shape[0] != a.shape[0]:
             raise InputError(f"target has {t.shape[0]} samples but anchor has {a.shape[0]}")
-        y, info = project(problem, a, t, bounds=self.bounds, tol=self.tol, max_iter=self.max_iter)
+        y, info = _project(problem, a, t, bounds=self.bounds, tol=self.tol, max_iter=self.max_iter,
+                           progress=self.progress)
         return ProjectionResult(y.reshape(-1, *problem.input_shape), info)
 
 
@@ -131,7 +155,8 @@ class PaperResult(PrivatizeResult):
     objective: list[float]
 
 
-def _measured(problem: PrivacyProblem, x: torch.Tensor, x_hat: torch.Tensor, bounds: Bounds) -> dict[str, torch.Tensor]:
+def _measured(problem: PrivacyProblem | MatrixFreeProblem, x: torch.Tensor, x_hat: torch.Tensor,
+              bounds: Bounds) -> dict[str, torch.Tensor]:
     """The per-sample fields every :class:`PrivatizeResult` carries."""
     b = x.shape[0]
     x_hat = x_hat.reshape(b, -1)
@@ -245,10 +270,13 @@ class DecoyPrivatizer(Privatizer):
 
     ``target=`` in the call replaces the configured decoy by explicit per-sample targets
     ``(B, *input_shape)``: decoys made on whole images and then cut into tiles, whose kind
-    (``"shift"``, ``"noise"``) means something for the images, not for the tiles."""
+    (``"shift"``, ``"noise"``) means something for the images, not for the tiles.
+
+    Where the dense bases do not fit, the projection is made matrix-free, as in
+    :class:`AffineBoxProjector` (``progress``: a bar per image; ``None``: on a terminal only)."""
 
     def __init__(self, *, decoy: str | torch.Tensor = "grey", tol: float = 1e-12, max_iter: int = 100,
-                 bounds: Bounds = (0.0, 1.0)) -> None:
+                 bounds: Bounds = (0.0, 1.0), progress: bool | None = None) -> None:
         super().__init__()
         if isinstance(decoy, torch.Tensor):
             if not decoy.is_floating_point() or not bool(torch.isfinite(decoy).all()):
@@ -259,6 +287,7 @@ class DecoyPrivatizer(Privatizer):
         self.decoy: str | torch.Tensor = decoy
         self.tol, self.max_iter = check_solver(tol, max_iter)
         self.bounds = validation.bounds(bounds)
+        self.progress = _progress(progress)
 
     @property
     def method(self) -> str:
@@ -267,14 +296,14 @@ class DecoyPrivatizer(Privatizer):
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x: torch.Tensor, *,
                  generator: torch.Generator | None = None, target: torch.Tensor | None = None) -> DecoyResult:
-        problem = self.problem(space)
+        problem = self.solver_problem(space)
         xs = checked_images(problem, x, "x", bounds=self.bounds)
         validation.generator(generator)
         t = make_decoy(self.decoy if target is None else target, xs, generator=generator, bounds=self.bounds)
         t = checked_images(problem, t, "decoy")
         b = xs.shape[0]
-        x_hat, info = project(problem, xs.reshape(b, -1), t.reshape(b, -1), bounds=self.bounds, tol=self.tol,
-                              max_iter=self.max_iter)
+        x_hat, info = _project(problem, xs.reshape(b, -1), t.reshape(b, -1), bounds=self.bounds, tol=self.tol,
+                               max_iter=self.max_iter, progress=self.progress)
         method = self.method if target is None else "decoy-image"
         return DecoyResult(**_measured(problem, xs, x_hat, self.bounds), method=method, bounds=self.bounds,
                            projection=info, decoy=t)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch
 from harmless import validation
 from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
 from harmless.linalg.subspace import HarmlessSubspace
+
+if TYPE_CHECKING:
+    from harmless.privacy.matrix_free import MatrixFreeProblem
 
 __all__ = ["Bounds", "Configured", "PrivacyProblem", "ProblemCache", "box_violation", "check_solver"]
 
@@ -114,6 +118,17 @@ class ProblemCache:
 
     def __init__(self) -> None:
         self._problems: weakref.WeakKeyDictionary[HarmlessSubspace, PrivacyProblem] = weakref.WeakKeyDictionary()
+        self._matrix_free: weakref.WeakKeyDictionary[HarmlessSubspace, MatrixFreeProblem] = \
+            weakref.WeakKeyDictionary()
+
+    def matrix_free(self, space: HarmlessSubspace) -> MatrixFreeProblem:
+        """The :class:`~harmless.privacy.matrix_free.MatrixFreeProblem` of ``space``, made once."""
+        from harmless.privacy.matrix_free import MatrixFreeProblem  # it imports this module
+
+        found = self._matrix_free.get(space)
+        if found is None:
+            found = self._matrix_free[space] = MatrixFreeProblem(space)
+        return found
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem) -> PrivacyProblem:
         if isinstance(space, PrivacyProblem):
@@ -140,6 +155,21 @@ class Configured:
         """The dense data of ``space``, made on the first call with it and kept."""
         return self._problems(space)
 
+    def solver_problem(self, space: HarmlessSubspace | PrivacyProblem) -> PrivacyProblem | MatrixFreeProblem:
+        """The dense data of ``space`` when they fit, else (where the dense path raises
+        :class:`~harmless.errors.TooLargeError`) the data of the matrix-free projection
+        (:mod:`harmless.privacy.matrix_free`), made once per subspace and kept; when neither
+        applies, the dense path's error, with the matrix-free one's reason added."""
+        try:
+            return self._problems(space)
+        except TooLargeError as dense_error:
+            if not isinstance(space, HarmlessSubspace):
+                raise
+            try:
+                return self._problems.matrix_free(space)
+            except TooLargeError as err:
+                raise TooLargeError(f"{dense_error}; the matrix-free solver does not apply either: {err}") from err
+
     def __repr__(self) -> str:
         settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         args = ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else repr(v)}" for k, v in settings.items())
@@ -160,7 +190,7 @@ def format_bounds(bounds: Bounds) -> str:
     return f"[{bounds[0]:g}, {bounds[1]:g}]"
 
 
-def checked_images(problem: PrivacyProblem, x: object, what: str = "x", *,
+def checked_images(problem: PrivacyProblem | MatrixFreeProblem, x: object, what: str = "x", *,
                    bounds: Bounds | None = None) -> torch.Tensor:
     """A validated float64 copy of a batch ``(B, *input_shape)`` (a single image is accepted);
     with ``bounds``, its values must lie in them (up to :data:`EPS_BOX` of the width)."""

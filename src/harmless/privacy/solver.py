@@ -40,7 +40,9 @@ class ProjectionInfo:
     harmless part by (1: none needed); ``iterations``: interior-point iterations run (the most
     over the batch); ``converged``: per sample, did every relative KKT residual reach the
     tolerance; ``distance_bound``: ``sqrt(2 max(gap, 0))``, a certified bound on the distance
-    from the returned point to the exact projection (the objective is 1-strongly convex).
+    from the returned point to the exact projection (the objective is 1-strongly convex);
+    ``operator_passes``: passes of one image through ``A`` or ``A^T``, summed over the batch, for
+    the matrix-free solver (:mod:`harmless.privacy.matrix_free`); ``None`` for the dense one.
     """
 
     gap: torch.Tensor
@@ -49,6 +51,7 @@ class ProjectionInfo:
     shrink: torch.Tensor
     iterations: int
     converged: torch.Tensor
+    operator_passes: int | None = None
 
     @property
     def distance_bound(self) -> torch.Tensor:
