@@ -7,11 +7,13 @@ The projection of a target ``t`` onto ``{a + N(A)} ∩ [0, 1]^n`` (unit-box coor
 
 a concave, smooth function with gradient ``A (y(w) - a)``: every evaluation costs one pass
 through ``A^T`` and one through ``A`` and no projection at all. It is maximised by L-BFGS
-(SciPy) in the variables of a block-Jacobi preconditioner of ``A A^T`` (one ``C x C`` block per
-output position of a convolutional stem, pseudo-inverted, found by probing the operator).
-Measured on the 7x7/s6/p3 -> 64 stem at 64 px against the interior-point method with
-PCG-solved Newton systems and against alternating projections, this was the only one whose
-cost per image stayed at a few hundred operator passes (see :mod:`harmless.experiments.table2_overlap`).
+(SciPy's L-BFGS-B without bounds) in the variables of a block-Jacobi preconditioner of
+``A A^T`` (one ``C x C`` block per output position of a convolutional stem, pseudo-inverted,
+found by probing the operator). Chosen over an interior-point method with PCG-solved Newton
+systems because the subspace's fast FFT projector declines the 7x7/s6/p3 -> 64 stem (its
+``A A^T`` is singular: corner windows read fewer pixels than they have channels), so every
+exact projection costs a PCG of several hundred operator passes, and the dual needs none per
+iteration (measured: :mod:`harmless.experiments.table2_overlap`).
 
 Whatever the optimiser did, the answer is certified as the dense path's is: ``mu = A^T w`` lies
 in the row space by construction, so ``q(w)`` is a lower bound on the optimum; the returned point
@@ -128,8 +130,8 @@ class BlockJacobiProjector:
         """``M r`` for a batch ``(B, C*H*W)``, ``M`` block diagonal over output positions."""
         c, h, w = self.grid
         m = self.blocks if blocks is None else blocks
-        v = r.reshape(-1, c, h * w)
-        return torch.einsum("pij,bjp->bip", m, v).reshape(r.shape[0], -1)
+        v = r.reshape(-1, c, h * w).permute(2, 1, 0)  # (HW, C, B): one batched matmul over positions
+        return torch.bmm(m, v).permute(2, 1, 0).reshape(r.shape[0], -1)
 
     def harmful(self, delta: torch.Tensor, *, tol: float = PROJECTION_RTOL,
                 maxiter: int = 5000) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -280,7 +282,7 @@ def _maximise(problem: MatrixFreeProblem, a: torch.Tensor, t: torch.Tensor, *, t
         left = max_iter - iterations[0]
         try:
             scipy.optimize.minimize(fun, best["v"], jac=True, method="L-BFGS-B", callback=callback,
-                                    options={"maxiter": left, "maxcor": 30, "ftol": 0.0, "gtol": 0.0,
+                                    options={"maxiter": left, "maxcor": 10, "ftol": 0.0, "gtol": 0.0,
                                              "maxfun": 2 * left + 20, "maxls": 40})
         except _Done:
             break
