@@ -48,7 +48,8 @@ def _data(space: harmless.HarmlessSubspace, b: int, seed: int) -> tuple[torch.Te
     return a, t
 
 
-@pytest.mark.parametrize("index", [1, 3, pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("index", [1, 3, pytest.param(0, marks=pytest.mark.slow),
+                                   pytest.param(2, marks=pytest.mark.slow)])
 def test_matches_the_dense_solver_within_the_certificates(index: int) -> None:
     space = _space(CONFIGS[index], index)
     dense = PrivacyProblem(space)
