@@ -46,7 +46,7 @@ def _weights_sha256(model: nn.Module) -> str:
 
 
 def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] | None = None,
-        images: int | None = None, max_iter: int = 200) -> list[Path]:
+        images: int | None = None, max_iter: int = 400) -> list[Path]:
     """Write ``table2_overlap.md``: N = 2 images in quick mode, 5 otherwise (``images``
     overrides), each decoy solved with at most ``max_iter`` L-BFGS iterations per image."""
     import harmless
