@@ -154,19 +154,24 @@ def _figure(results: list[ModelResult], path: Path) -> Path:
 
     from harmless.plotting import save_figure
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # One panel per architecture (same layer names): each model's dims against its own layers
+    # (one shared axis would label MLP-5's layers with LeNet's names).
+    groups: dict[tuple[str, ...], list[ModelResult]] = {}
     for r in results:
-        fc1 = _first_layer(r)
-        xs = np.arange(len(r.layers) - fc1)
-        col = r.dims[:, fc1:]
-        line, = ax.plot(xs, col.mean(axis=0), marker="o", label=f"{r.spec} (mean over {len(r.dims)} images)")
-        ax.fill_between(xs, col.min(axis=0), col.max(axis=0), color=line.get_color(), alpha=0.2)
-        ax.set_xticks(xs, r.layers[fc1:], rotation=45)
-    ax.axhline(results[0].n, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("layer L (its output unchanged); the first conv/fc layer = the paper's l = 0")
-    ax.set_ylabel("dim of the exact convex piece of P")
-    ax.set_title("Lemma 1: harmless input sets grow with depth (band: min-max over images)")
-    ax.legend(fontsize=8)
+        groups.setdefault(tuple(r.layers[_first_layer(r):]), []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 1, 4), squeeze=False, sharey=True)
+    for ax, (names, group) in zip(axes[0], groups.items()):
+        xs = np.arange(len(names))
+        for r in group:
+            col = r.dims[:, _first_layer(r):]
+            line, = ax.plot(xs, col.mean(axis=0), marker="o", label=f"{r.spec} (mean over {len(r.dims)} images)")
+            ax.fill_between(xs, col.min(axis=0), col.max(axis=0), color=line.get_color(), alpha=0.2)
+        ax.set_xticks(xs, names, rotation=45)
+        ax.axhline(group[0].n, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("layer L (its output unchanged); the first conv/fc layer = the paper's l = 0", fontsize=8)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("dim of the exact convex piece of P")
+    fig.suptitle("Lemma 1: harmless input sets grow with depth (band: min-max over images)")
     return save_figure(fig, path)
 
 
