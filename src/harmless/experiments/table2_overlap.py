@@ -46,7 +46,7 @@ def _weights_sha256(model: nn.Module) -> str:
 
 
 def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] | None = None,
-        images: int | None = None, max_iter: int = 400) -> list[Path]:
+        images: int | None = None, max_iter: int = 1000) -> list[Path]:
     """Write ``table2_overlap.md``: N = 2 images in quick mode, 5 otherwise (``images``
     overrides), each decoy solved with at most ``max_iter`` L-BFGS iterations per image."""
     import harmless
@@ -81,13 +81,13 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] 
         rows = []
         grey = DecoyPrivatizer(decoy="grey", max_iter=max_iter)
         t0 = time.time()
-        setup = 0.0
+        mf = grey.solver_problem(space)  # the matrix-free data (block-Jacobi probing, ||A||), made once
+        setup = time.time() - t0
+        _log(f"set-up: {type(mf).__name__} ({setup:.0f}s)")
         methods = {"decoy: flat grey": None, "decoy: other image": make_decoy("shift", x)}
         for label, target in methods.items():
             t1 = time.time()
             r = grey(space, x, target=target)
-            if not setup:
-                setup = time.time() - t0  # the first call also builds the matrix-free data
             seconds = time.time() - t1
             info = r.projection
             with torch.no_grad():
@@ -100,7 +100,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] 
                          f"{100 * float(info.converged.double().mean()):.0f}% / {float(info.distance_bound.max()):.1e}",
                          f"{float(info.rel_gap.max()):.1e}", f"{float(info.shrink.min()):.4f}",
                          f"{info.iterations}", f"{passes / n_img:.0f}", f"{seconds / n_img:.0f} s"])
-            _log(f"{label}: done ({seconds:.0f}s, setup included in the first: {setup:.0f}s)")
+            _log(f"{label}: done ({seconds:.0f}s)")
         gen = torch.Generator().manual_seed(0)
         g = (x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
         rows.append(["Gaussian N(0, 0.1²), clipped", f"{metrics.ssim(g, x).mean():.4f}",
@@ -124,8 +124,9 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] 
             "shrink towards x, never clipping). The certificate is the duality gap of the returned image against "
             "the dual value of the last multiplier (a true lower bound whatever the optimiser did): "
             "`QP converged` = the dual's KKT residual ‖A(y(w) − x)‖ met 1e-12 (relative); the bound is "
-            "sqrt(2·gap), the certified distance from the returned image to the exact projection. Time per image "
-            f"excludes the one-off set-up ({setup:.0f} s for the first method, included in its time). "
+            "sqrt(2·gap), the certified distance from the returned image to the exact projection (in the L2 norm "
+            "over all 150,528 pixels). Time per image excludes the one-off set-up of the matrix-free data "
+            f"({setup:.0f} s: ‖A‖ by power iteration, the block-Jacobi blocks by probing). "
             "Algorithm 1 (the paper's Adam on null-space coefficients) needs a dense basis and is not run.\n\n"
             + Table(header, rows).markdown()
             + "\nWhere this does not hold: the dual iterations stop at the iteration cap, not at the KKT tolerance, "
