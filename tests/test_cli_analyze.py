@@ -181,3 +181,23 @@ def test_sample_test_image_of_mlp5(capsys) -> None:
     assert rep["check"]["output_unchanged"] and rep["check"]["outside_h0_min"] > 0.1
     code, _, err = run(capsys, "analyze", "mlp5:mnist", "--sample", "test:10000", "--layers", "none")
     assert code == EXIT_USER_ERROR and "10000 images" in one_error_line(err)
+
+
+def test_sample_extents_on_tied_max_pool_windows_are_positive(capsys, factory, tmp_path) -> None:
+    # A constant image of -1: the conv output is constant away from the border, so the max pool's
+    # windows tie and 0 lies on the piece's boundary; a random hull direction leaves the piece at
+    # once (extent "-0", printed before the fix), a direction tilted into the piece (a member's)
+    # does not.
+    spec = factory("an_cnn_tied", CNN.format(mode=".eval()"))
+    np.save(tmp_path / "tied.npy", -np.ones((1, 6, 6)))
+    code, out, err = run(capsys, "analyze", spec, "--input-shape", "1,6,6", "--sample", str(tmp_path / "tied.npy"),
+                         "--layers", "none", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["sample"]["pieces"]
+    pooled = [r for r in rows if r["dim"] > 0 and r["kind"] in ("max-pool", "affine", "relu")]
+    assert pooled, rows
+    for r in pooled:
+        assert r["extent"] is not None and r["extent"] > 0, r
+    code, out, _ = run(capsys, "analyze", spec, "--input-shape", "1,6,6", "--sample", str(tmp_path / "tied.npy"),
+                       "--layers", "none")
+    assert code == 0 and "-0" not in out.replace("e-0", "")

@@ -115,9 +115,11 @@ def sample_report(model: Any, shape: tuple[int, ...], sample: Any) -> dict[str, 
     for step, piece in zip(net.steps, pieces):
         extent: float | None = None
         if piece.dim:
-            basis = piece.basis().reshape(piece.dim, -1)
-            d = torch.randn(piece.dim, generator=gen, dtype=torch.float64) @ basis
-            extent = piece.extent((d / d.norm()).reshape(shape))
+            # along a member's direction: a random hull direction tilted into the piece (where 0 is
+            # on its boundary, as on MNIST's tied max-pool windows, an untilted one leaves at once)
+            d = piece.sample(1, generator=gen).reshape(-1)
+            if bool(d.any()):
+                extent = max(0.0, piece.extent((d / d.norm()).reshape(shape)))  # never "-0"
         rows.append({"layer": piece.layer, "kind": step.kind, "dim": piece.dim, "n": piece.n,
                      "equalities": piece.n_equalities, "inequalities": piece.n_inequalities,
                      "extent": extent, "extent_rel": None if extent is None else extent / norm})
