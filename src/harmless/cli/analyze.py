@@ -100,7 +100,7 @@ def load_sample(kind: str, where: Any, *, spec: str, shape: tuple[int, ...], dat
 
 def sample_report(model: Any, shape: tuple[int, ...], sample: Any) -> dict[str, Any]:
     """The exact convex piece at every layer for one sample: dimension, the extent along one seeded
-    random direction of its affine hull (HiGHS), and ``SAMPLE_CHECKS`` members of the output piece
+    member's direction (a random direction of its affine hull tilted into the piece; HiGHS), and ``SAMPLE_CHECKS`` members of the output piece
     run through the float64 model (their output change and their part outside H^(0))."""
     import torch
 
@@ -154,7 +154,8 @@ def print_sample_report(rep: dict[str, Any], label: str) -> None:
     c = rep["check"]
     h0 = f"{'>= ' if rep['h0_lower_bound'] else ''}{rep['h0_dim']}"
     verdict = "ok" if c["output_unchanged"] and c["all_members"] else "FAILED: the piece is not trustworthy here"
-    print(f"extent: the largest step inside the piece along one random direction of its affine hull (HiGHS LP). "
+    print(f"extent: the largest step inside the piece along one sampled member's direction (a random direction of its "
+          f"affine hull, tilted into the piece; HiGHS LP). "
           f"Check ({verdict}): {c['samples']} sampled members of the output piece change the float64 output by at most "
           f"{c['max_output_change']:.2e} (relative); their part outside H^(0) (dim {h0}) is "
           f"{c['outside_h0_min']:.3f}-{c['outside_h0_max']:.3f} of their norm")
