@@ -100,8 +100,9 @@ def load_sample(kind: str, where: Any, *, spec: str, shape: tuple[int, ...], dat
 
 def sample_report(model: Any, shape: tuple[int, ...], sample: Any) -> dict[str, Any]:
     """The exact convex piece at every layer for one sample: dimension, the extent along one seeded
-    member's direction (a random direction of its affine hull tilted into the piece; HiGHS), and ``SAMPLE_CHECKS`` members of the output piece
-    run through the float64 model (their output change and their part outside H^(0))."""
+    member's direction (a random direction of its affine hull tilted into the piece; HiGHS), and
+    ``SAMPLE_CHECKS`` members of the output piece run through the float64 model (their output
+    change and their part outside H^(0))."""
     import torch
 
     import harmless
