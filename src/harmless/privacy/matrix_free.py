@@ -215,11 +215,11 @@ class MatrixFreeProblem:
         scale = self.norm * v.norm(dim=1)
         if self.fast is not None:
             z, info = self.fast.harmful(v.reshape(-1, *self.input_shape), tol=PROJECTION_RTOL, scale=scale)
-            self.passes += info.passes
+            self.passes += info.passes * v.shape[0]  # one pass of the batch is one per image
             if info.converged:
                 return z.reshape(v.shape[0], -1)
         z, passes, rel = self.jacobi.harmful(v)
-        self.passes += passes
+        self.passes += passes * v.shape[0]
         if float(rel.max()) > 10 * PROJECTION_RTOL:
             raise TooLargeError(f"the matrix-free projector reached a relative harmful residual of "
                                 f"{float(rel.max()):.1e} only (wanted {PROJECTION_RTOL:.0e}); no answer is returned")
