@@ -26,6 +26,7 @@ from harmless.cli.common import (
     resolve_model,
 )
 from harmless.errors import HarmlessError, InputError
+from harmless.experiments import EXPERIMENTS
 
 __all__ = ["EXIT_USER_ERROR", "build_parser", "main", "parse_shape", "resolve_model"]
 
@@ -221,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's results into results/")
     rep.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                     choices=["fig2", "table1", "fig3", "fig4", "fig5", "table2", "lemma1", "robustness", "all"],
-                     help="fig2, table1, fig3, fig4 (equivalent adversarial spaces), fig5, table2, lemma1 "
+                     choices=[*EXPERIMENTS, "all"],
+                     help="fig2, table1, fig3, fig4 (equivalent adversarial spaces), fig5, table2, table2-overlap "
+                          "(privacy at 224 px with an overlapping 7x7/s6 stem, matrix-free), lemma1 "
                           "(harmless sets beyond the linear prefix), robustness (universal perturbations and "
                           "the four robustness categories) or all")
     rep.add_argument("--quick", action="store_true", help="fewer points and images (minutes instead of more)")
