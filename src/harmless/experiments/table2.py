@@ -8,8 +8,8 @@ Settings (CPU-sized; the paper's numbers are quoted beside ours):
 * the untrained ``resnet50:cifar10,stem_kernel=7,stem_stride=6`` on the 20 foolbox CIFAR-10 images;
 * an untrained ImageNet ResNet-50 (1000 classes) with a non-overlapping 7x7/s7 stem on the 20
   foolbox ImageNet images (224x224): its QPs split exactly into one per 7x7 tile
-  (:mod:`harmless.privacy.tiles`); the overlapping 7x7/s6 stem has a harmless subspace of at
-  least 58,112 dimensions at 224 px, whose dense basis (~70 GB) the whole-image solver needs.
+  (:mod:`harmless.privacy.tiles`); the overlapping 7x7/s6/p3 stem (58,136 harmless dimensions at
+  224 px, a dense basis of ~70 GB) is solved matrix-free by :mod:`harmless.experiments.table2_overlap`.
 
 Every QP is solved by the interior-point method of :mod:`harmless.privacy.core`, whose
 certificate (KKT residuals met, certified distance to the exact optimum) is reported per row.
@@ -270,7 +270,8 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] 
             "images with the *untrained* ResNet-50 (stem_kernel=7, stem_stride=6); ImageNet: the first "
             f"{sizes['imagenet-resnet50']} foolbox images (224x224) with an *untrained* 1000-class ResNet-50 whose "
             "stem is 7x7/s7 without padding, solved tile by tile (1024 exact 7x7 QPs per image; the overlapping 7x7/s6 "
-            "stem is out of reach at 224 px: its harmless basis has at least 58,112 x 150,528 entries). All "
+            "stem, whose dense harmless basis (58,136 x 150,528) does not fit, is solved matrix-free in "
+            "table2_overlap.md). All "
             "computations in float64. Privatised images are in [0, 1] to 1e-12 with no clipping; ‖A(x̂−x)‖ is the "
             "output change of the linear prefix, |f(x̂)−f(x)| that of the model's float64 logits; Δacc is against "
             "the labels (the untrained models' accuracy is chance, so the number of changed predictions is the "
