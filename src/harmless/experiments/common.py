@@ -15,7 +15,7 @@ from torch import nn
 
 from harmless.cache import atomic_write_text
 from harmless.linalg.subspace import HarmlessSubspace, least_harmful
-from harmless.metrics import accuracy  # noqa: F401  (re-exported for the experiments)
+from harmless.metrics import accuracy  # also re-exported for the experiments
 from harmless.plotting import save_figure  # noqa: F401  (re-exported for the experiments)
 
 #: The paper's magnitudes: epsilon, 2 epsilon, ..., 32 epsilon (RMS per input entry).
@@ -59,6 +59,21 @@ def least_harmful_perturbation(model: nn.Module, input_shape: Sequence[int], k: 
 
 
 @torch.no_grad()
+def prediction_changes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], str]:
+    """A formatter for Table 2's Δacc column: the accuracy lost on ``images`` against ``(x, y)``,
+    and how many predictions differ from the model's on ``x``."""
+    with torch.no_grad():
+        base_pred = model(x).argmax(1)
+    base = accuracy(model, x, y)
+
+    def changes(images: torch.Tensor) -> str:
+        with torch.no_grad():
+            changed = int((model(images).argmax(1) != base_pred).sum())
+        return f"{100 * (base - accuracy(model, images, y)):.2f}% ({changed} changed)"
+
+    return changes
+
+
 def batched_outputs(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """``model(x)`` in batches."""
     return torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmless.experiments.common import Table, accuracy, provenance, save_figure, save_text
+from harmless.experiments.common import Table, accuracy, prediction_changes, provenance, save_figure, save_text
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.plotting import show_image
 from harmless.privacy.tiles import Tiling, per_image_norms
@@ -99,14 +99,7 @@ def _run_setting(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     per_image = tiles.tiles_per_image if tiles is not None else 1
     dims = f"{problem.dim * per_image} of {problem.n * per_image}" + (f" ({per_image} tiles)" if tiles is not None else "")
     _log(f"{name}: harmless dim {dims} ({time.time() - t0:.0f}s)")
-    with torch.no_grad():
-        base_pred = model(x).argmax(1)
-    base = accuracy(model, x, y)
-
-    def changes(images: torch.Tensor) -> str:
-        with torch.no_grad():
-            changed = int((model(images).argmax(1) != base_pred).sum())
-        return f"{100 * (base - accuracy(model, images, y)):.2f}% ({changed} changed)"
+    changes = prediction_changes(model, x, y)
 
     rows = []
     images: dict[str, torch.Tensor] = {"original": x}

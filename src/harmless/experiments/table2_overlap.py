@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harmless.experiments.common import Table, accuracy, provenance, save_text
+from harmless.experiments.common import Table, prediction_changes, provenance, save_text
 from harmless.experiments.table2 import IMAGENET_MEAN, IMAGENET_STD
 from harmless.threads import one_torch_thread
 
@@ -70,13 +70,7 @@ def run(out_dir: Path, *, quick: bool = False, data_dir: str | os.PathLike[str] 
              f"{time.time() - t0:.0f}s)")
         with torch.no_grad():
             logits = model(x)
-        base_pred = logits.argmax(1)
-        base = accuracy(model, x, y)
-
-        def changes(imgs: torch.Tensor) -> str:
-            with torch.no_grad():
-                changed = int((model(imgs).argmax(1) != base_pred).sum())
-            return f"{100 * (base - accuracy(model, imgs, y)):.2f}% ({changed} changed)"
+        changes = prediction_changes(model, x, y)
 
         rows = []
         grey = DecoyPrivatizer(decoy="grey", max_iter=max_iter)
