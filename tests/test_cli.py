@@ -598,3 +598,21 @@ def test_reproduce_writes_a_fresh_folder_by_default(capsys: pytest.CaptureFixtur
     capsys.readouterr()
     code, _, err = run(capsys, "reproduce", "fig2", "--out", "afile")
     assert code == EXIT_USER_ERROR and "is a file" in one_error_line(err)
+
+
+def test_reproduce_accepts_every_experiment_it_can_run(monkeypatch, tmp_path) -> None:
+    # the parser's choices come from harmless.experiments.EXPERIMENTS (table2-overlap was once
+    # rejected by a hand-written list)
+    from harmless import experiments
+
+    seen: list[str] = []
+
+    def fake(name: str, *, out_dir: Path, quick: bool, data_dir: object) -> list[Path]:
+        seen.append(name)
+        return []
+
+    monkeypatch.setattr(experiments, "run_experiment", fake)
+    monkeypatch.chdir(tmp_path)
+    for name in experiments.EXPERIMENTS:
+        assert main(["reproduce", name, "--quick"]) == 0
+    assert seen == list(experiments.EXPERIMENTS) and "table2-overlap" in seen
