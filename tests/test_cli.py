@@ -578,22 +578,28 @@ def test_privatize_tile_by_tile(capsys: pytest.CaptureFixture[str], tmp_path, mo
     assert code == EXIT_USER_ERROR and "Linear" in line and "mat1" not in line
 
 
-def test_reproduce_writes_a_fresh_folder_by_default(capsys: pytest.CaptureFixture[str], tmp_path,
-                                                    monkeypatch) -> None:
-    """Issue 11, item 16: the tracked results/ is written only when --out asks for it."""
+def _fake_experiments(monkeypatch, tmp_path) -> list[tuple[str, Path]]:
+    """``run_experiment`` replaced by a recorder of ``(name, out_dir)``; the cwd is ``tmp_path``."""
     import harmless.experiments as experiments
 
-    seen: list[Path] = []
+    seen: list[tuple[str, Path]] = []
 
     def fake(name: str, *, out_dir: Path, quick: bool, data_dir: object) -> list[Path]:
-        seen.append(out_dir)
+        seen.append((name, out_dir))
         return []
 
     monkeypatch.setattr(experiments, "run_experiment", fake)
     monkeypatch.chdir(tmp_path)
+    return seen
+
+
+def test_reproduce_writes_a_fresh_folder_by_default(capsys: pytest.CaptureFixture[str], tmp_path,
+                                                    monkeypatch) -> None:
+    """Issue 11, item 16: the tracked results/ is written only when --out asks for it."""
+    seen = _fake_experiments(monkeypatch, tmp_path)
     assert main(["reproduce", "fig2"]) == 0
-    assert seen[-1].parts[0] == "reproduced" and seen[-1] != Path("results")
-    assert main(["reproduce", "fig2", "--out", "results"]) == 0 and seen[-1] == Path("results")
+    assert seen[-1][1].parts[0] == "reproduced" and seen[-1][1] != Path("results")
+    assert main(["reproduce", "fig2", "--out", "results"]) == 0 and seen[-1][1] == Path("results")
     (tmp_path / "afile").write_text("x")
     capsys.readouterr()
     code, _, err = run(capsys, "reproduce", "fig2", "--out", "afile")
@@ -603,16 +609,9 @@ def test_reproduce_writes_a_fresh_folder_by_default(capsys: pytest.CaptureFixtur
 def test_reproduce_accepts_every_experiment_it_can_run(monkeypatch, tmp_path) -> None:
     # the parser's choices come from harmless.experiments.EXPERIMENTS (table2-overlap was once
     # rejected by a hand-written list)
-    from harmless import experiments
+    from harmless.experiments import EXPERIMENTS
 
-    seen: list[str] = []
-
-    def fake(name: str, *, out_dir: Path, quick: bool, data_dir: object) -> list[Path]:
-        seen.append(name)
-        return []
-
-    monkeypatch.setattr(experiments, "run_experiment", fake)
-    monkeypatch.chdir(tmp_path)
-    for name in experiments.EXPERIMENTS:
+    seen = _fake_experiments(monkeypatch, tmp_path)
+    for name in EXPERIMENTS:
         assert main(["reproduce", name, "--quick"]) == 0
-    assert seen == list(experiments.EXPERIMENTS) and "table2-overlap" in seen
+    assert [name for name, _ in seen] == list(EXPERIMENTS) and "table2-overlap" in EXPERIMENTS
