@@ -89,3 +89,25 @@ def test_entry_points_agree_on_shapes_and_numpy_integers() -> None:
     assert harmless.harmless_subspace(model, (np.int64(8),)).sample(np.int64(2)).shape == (2, 8)
     assert create_fingerprint(model, (8,), probes, k=np.int64(2)).k == 2
     assert PGD(eps=np.float32(0.1), steps=np.int64(3)).steps == 3
+
+
+def test_flag_accepts_bools_and_none_only_where_allowed() -> None:
+    assert validation.flag(True, "f") is True and validation.flag(False, "f") is False
+    assert validation.flag(None, "f", allow_none=True) is None
+    for bad in (None, 1, 0, "yes", np.bool_(True)):
+        with pytest.raises(InputError, match="f must be True or False"):
+            validation.flag(bad, "f")
+    with pytest.raises(InputError, match="f must be True, False or None"):
+        validation.flag(1, "f", allow_none=True)
+
+
+def test_privatizers_check_progress() -> None:
+    from harmless.privacy import AffineBoxProjector, DecoyPrivatizer
+    from harmless.privacy.audit import TVLPAttack
+
+    for make in (DecoyPrivatizer, AffineBoxProjector):
+        assert make(progress=None).progress is None
+        with pytest.raises(InputError, match="progress must be True, False or None"):
+            make(progress="yes")
+    with pytest.raises(InputError, match="progress must be True or False"):
+        TVLPAttack(progress=None)  # type: ignore[arg-type]

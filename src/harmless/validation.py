@@ -106,6 +106,13 @@ def bounds(value: object, name: str = "bounds") -> tuple[float, float]:
     return lo_f, hi_f
 
 
+def flag(value: object, name: str, *, allow_none: bool = False) -> bool | None:
+    """``True`` or ``False`` (and ``None`` where ``allow_none``: e.g. "on a terminal only")."""
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    raise InputError(f"{name} must be True{', False or None' if allow_none else ' or False'}, got {value!r}")
+
+
 def generator(value: object, name: str = "generator") -> torch.Generator | None:
     """``None`` or a ``torch.Generator``."""
     if value is not None and not isinstance(value, torch.Generator):

@@ -203,9 +203,7 @@ class TVLPAttack(AuditAttack):
 
     def __init__(self, *, progress: bool = False, bounds: Bounds = (0.0, 1.0)) -> None:
         super().__init__()
-        if not isinstance(progress, bool):
-            raise InputError(f"progress must be True or False, got {progress!r}")
-        self.progress = progress
+        self.progress = bool(validation.flag(progress, "progress"))
         self.bounds = validation.bounds(bounds)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, x_hat: torch.Tensor) -> Reconstruction:

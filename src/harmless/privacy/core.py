@@ -53,12 +53,6 @@ __all__ = [
 DECOY_KINDS = ("grey", "gray", "noise", "shift", "other")
 
 
-def _progress(value: object) -> bool | None:
-    if value is not None and not isinstance(value, bool):
-        raise InputError(f"progress must be True, False or None, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # Projection onto {anchor + N(A)} ∩ [lo, hi]^n.
 
@@ -98,7 +92,7 @@ class AffineBoxProjector(Configured):
         super().__init__()
         self.tol, self.max_iter = check_solver(tol, max_iter)
         self.bounds = validation.bounds(bounds)
-        self.progress = _progress(progress)
+        self.progress = validation.flag(progress, "progress", allow_none=True)
 
     def __call__(self, space: HarmlessSubspace | PrivacyProblem, anchor: torch.Tensor,
                  target: torch.Tensor) -> ProjectionResult:
@@ -287,7 +281,7 @@ class DecoyPrivatizer(Privatizer):
         self.decoy: str | torch.Tensor = decoy
         self.tol, self.max_iter = check_solver(tol, max_iter)
         self.bounds = validation.bounds(bounds)
-        self.progress = _progress(progress)
+        self.progress = validation.flag(progress, "progress", allow_none=True)
 
     @property
     def method(self) -> str:
