@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 
 import numpy as np
@@ -43,7 +42,7 @@ from harmless.errors import InputError, NoHarmlessSubspaceError, TooLargeError
 from harmless.linalg.operators import TorchLinearOperator
 from harmless.linalg.subspace import HarmlessSubspace
 from harmless.privacy.problem import EPS_BOX, Bounds, box_violation
-from harmless.privacy.solver import ProjectionInfo
+from harmless.privacy.solver import ProjectionInfo, dual_value, shrink_into_box
 
 __all__ = ["BlockJacobiProjector", "MatrixFreeProblem", "project"]
 
@@ -237,12 +236,12 @@ class _Solve:
 
 
 def _dual(problem: MatrixFreeProblem, w: torch.Tensor, a: torch.Tensor,
-          t: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """``q(w)``, its gradient ``A (y - a)`` and ``y(w)`` for one image (flat)."""
-    mu = problem.adjoint(w[None])[0]
+          t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q(w)``, its gradient ``A (y - a)`` (the dual's KKT residual) and ``y(w)`` for flat
+    batches: one pass through ``A^T`` and one through ``A`` per image."""
+    mu = problem.adjoint(w)
     y = (t - mu).clamp(0.0, 1.0)
-    q = 0.5 * float(((y - t) ** 2).sum()) + float((mu * (y - a)).sum())
-    return q, problem.apply((y - a)[None])[0], y
+    return dual_value(y, t, mu, a), problem.apply(y - a), y
 
 
 def _maximise(problem: MatrixFreeProblem, a: torch.Tensor, t: torch.Tensor, *, tol: float,
@@ -265,7 +264,8 @@ def _maximise(problem: MatrixFreeProblem, a: torch.Tensor, t: torch.Tensor, *, t
     def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
         count[0] += 1
         w = problem.jacobi.precondition(torch.from_numpy(v)[None], sq)[0]
-        q, g, _ = _dual(problem, w, a, t)
+        q_batch, g_batch, _ = _dual(problem, w[None], a[None], t[None])
+        q, g = float(q_batch[0]), g_batch[0]
         if q > float(best["q"]):  # type: ignore[arg-type]
             best.update(q=q, v=v.copy())
         if float(g.norm()) <= target:
@@ -328,20 +328,9 @@ def _repair(problem: MatrixFreeProblem, a: torch.Tensor, y: torch.Tensor,
                 if float(box_violation(cur)) <= margin:
                     break
                 v = torch.where(held, 0.0, cur.clamp(0.0, 1.0) - a[i:i + 1])
-        inf = torch.full_like(d, math.inf)
-        up = torch.where(d > 0, (1.0 + margin - a[i:i + 1]) / d, inf)
-        lo = torch.where(d < 0, (-margin - a[i:i + 1]) / d, inf)
-        theta = torch.minimum(up.amin(dim=1), lo.amin(dim=1)).clamp(0.0, 1.0)
-        out[i] = a[i] + theta[0] * d[0]
-        thetas[i] = theta[0]
+        shrunk, theta = shrink_into_box(a[i:i + 1], d)
+        out[i], thetas[i] = shrunk[0], theta[0]
     return out, thetas, infeasibility
-
-
-def _progress(total: int, show: bool | None) -> object:
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if show is None else not show
-    return tqdm(total=total, desc="matrix-free projection", unit="image", disable=disable)
 
 
 def project(problem: MatrixFreeProblem, anchor: torch.Tensor, target: torch.Tensor, *, bounds: Bounds,
@@ -354,23 +343,23 @@ def project(problem: MatrixFreeProblem, anchor: torch.Tensor, target: torch.Tens
     width = hi - lo
     a = ((anchor - lo) / width).to(torch.float64)
     t = ((target - lo) / width).to(torch.float64)
-    ws, its, conv = [], 0, []
+    ws, its = [], 0
     start_passes = problem.passes
     evaluations = 0
-    bar = _progress(a.shape[0], progress)
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm shows the bar only when stderr is a terminal
+    bar = tqdm(total=a.shape[0], desc="matrix-free projection", unit="image",
+               disable=None if progress is None else not progress)
     for i in range(a.shape[0]):
         s = _maximise(problem, a[i], t[i], tol=tol, max_iter=max_iter)
         ws.append(s.w)
         its = max(its, s.iterations)
         evaluations += s.evaluations
-        bar.update(1)  # type: ignore[attr-defined]
-    bar.close()  # type: ignore[attr-defined]
-    w = torch.stack(ws)
-    mu = problem.adjoint(w)
-    y0 = (t - mu).clamp(0.0, 1.0)
-    q = 0.5 * ((y0 - t) ** 2).sum(1) + (mu * (y0 - a)).sum(1)
-    kkt = problem.apply(y0 - a).norm(dim=1)
-    conv = kkt <= tol * problem.norm * a.norm(dim=1).clamp_min(1.0)
+        bar.update(1)
+    bar.close()
+    q, grad, y0 = _dual(problem, torch.stack(ws), a, t)
+    conv = grad.norm(dim=1) <= tol * problem.norm * a.norm(dim=1).clamp_min(1.0)
     y, theta, infeasibility = _repair(problem, a, y0)
     primal = 0.5 * ((y - t) ** 2).sum(1)
     gap = primal - q

@@ -25,7 +25,7 @@ import torch
 
 from harmless.privacy.problem import EPS_BOX, Bounds, PrivacyProblem, box_violation
 
-__all__ = ["ProjectionInfo", "project", "repair"]
+__all__ = ["ProjectionInfo", "dual_value", "project", "repair", "shrink_into_box"]
 
 
 @dataclasses.dataclass
@@ -104,6 +104,15 @@ def _repair(problem: PrivacyProblem, anchor: torch.Tensor, y: torch.Tensor,
         if float(box_violation(out).max()) <= margin:
             break
         d = problem.harmless(out.clamp(0.0, 1.0) - anchor)
+    return shrink_into_box(anchor, d)
+
+
+def shrink_into_box(anchor: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``anchor + theta d`` (flat batches, unit box, ``anchor`` in it) with the largest
+    ``theta <= 1`` per sample that keeps every pixel in ``[-1e-12/2, 1 + 1e-12/2]`` (half of
+    :data:`EPS_BOX`: the other half is left for the rounding of ``anchor + theta d``); returns it
+    and ``theta``. The last step of every repair here, dense or matrix-free."""
+    margin = 0.5 * EPS_BOX
     inf = torch.full_like(d, math.inf)
     up = torch.where(d > 0, (1.0 + margin - anchor) / d, inf)
     lo = torch.where(d < 0, (-margin - anchor) / d, inf)
@@ -111,7 +120,10 @@ def _repair(problem: PrivacyProblem, anchor: torch.Tensor, y: torch.Tensor,
     return anchor + theta[:, None] * d, theta
 
 
-def _dual_value(y: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def dual_value(y: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The Lagrangian ``1/2 ||y - t||^2 + mu.(y - a)`` per sample: the dual function's value
+    ``q(mu)`` at its minimiser ``y = clip(t - mu, 0, 1)`` (a lower bound on the projection's
+    optimum for every ``mu`` in the row space of ``A``)."""
     return 0.5 * ((y - t) ** 2).sum(1) + (mu * (y - a)).sum(1)
 
 
@@ -138,7 +150,7 @@ def _project_unit(problem: PrivacyProblem, a: torch.Tensor, t: torch.Tensor, *, 
     scale = a.norm(dim=1).clamp_min(1.0)
     infeasibility = problem.harmful(z - a).norm(dim=1) / scale
     mu = problem.harmful(t - z + lam - nu)
-    q = _dual_value((t - mu).clamp(0.0, 1.0), t, mu, a)
+    q = dual_value((t - mu).clamp(0.0, 1.0), t, mu, a)
     y, theta = _repair(problem, a, z.clamp(0.0, 1.0))
     primal = 0.5 * ((y - t) ** 2).sum(1)
     gap = primal - q
