@@ -532,23 +532,27 @@ class HarmlessPiece:
         blocks = self._g_blocks
         return blocks[0] if len(blocks) == 1 else np.vstack(blocks)
 
+    @property
+    def _g_parts(self) -> list[np.ndarray]:
+        """``G`` itself once it has been stacked, else its row blocks (not stacked for this)."""
+        return [self.G] if "G" in self.__dict__ else self._g_blocks
+
     @cached_property
     def _g_norms(self) -> np.ndarray:
         """``||G_i||`` per row."""
-        blocks = [self.G] if "G" in self.__dict__ else self._g_blocks
-        return np.sqrt(np.concatenate([np.einsum("ij,ij->i", b, b) for b in blocks]))
+        return np.sqrt(np.concatenate([np.einsum("ij,ij->i", b, b) for b in self._g_parts]))
 
     def _g_times(self, d: np.ndarray) -> np.ndarray:
-        """``d @ G.T`` for ``d`` ``(B, n)``, block by block (``G`` is not stacked for this)."""
-        blocks = [self.G] if "G" in self.__dict__ else self._g_blocks
-        return np.hstack([d @ b.T for b in blocks])
+        """``d @ G.T`` for ``d`` ``(B, n)``, block by block."""
+        return np.hstack([d @ b.T for b in self._g_parts])
 
     def _g_rows(self, rows: np.ndarray) -> np.ndarray:
         """``G[rows]`` (``rows`` sorted) without stacking all of ``G``."""
-        if "G" in self.__dict__ or len(self._g_blocks) == 1:
-            return self.G[rows]
+        parts = self._g_parts
+        if len(parts) == 1:
+            return parts[0][rows]
         out, start = [], 0
-        for block in self._g_blocks:
+        for block in parts:
             stop = start + block.shape[0]
             lo, hi = np.searchsorted(rows, [start, stop])
             if hi > lo:
